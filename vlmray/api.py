@@ -1,0 +1,113 @@
+"""The Python API: one call runs data preparation, ingest, training and evaluation.
+
+    import vlmray
+    cfg = vlmray.recipe("clip_tiny", **{"train.steps": 100})
+    result = vlmray.run(cfg, output="runs/demo")
+    print(result.metrics["zero_shot_top1"], result.checkpoint)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmray.config import Config, ConfigError, validate
+from vlmray.data.storage import filesystem, join
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    metrics: dict[str, Any]
+    checkpoint: str | None
+
+
+def init_ray() -> None:
+    """Connects to the cluster a job was submitted to (RAY_ADDRESS), or starts a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=None if address else False,
+             log_to_driver=True)
+
+
+def resolve_data(cfg: Config, run_dir: str) -> tuple[str, str]:
+    """Returns (train shards URI, held-out URI or ""), generating the built-in data if asked."""
+    if cfg.data.source == "builtin":
+        from vlmray.data.synthetic import write_synthetic
+
+        root = join(run_dir, "data")
+        fs, p = filesystem(join(root, "dataset.json"))
+        if not fs.exists(p):
+            write_synthetic(cfg.data.synthetic, root)
+        return join(root, "train"), cfg.data.eval_source or join(root, "eval")
+    fs, p = filesystem(join(cfg.data.source, "train"))
+    train = join(cfg.data.source, "train") if fs.isdir(p) else cfg.data.source
+    default_eval = join(cfg.data.source, "eval")
+    fs, p = filesystem(default_eval)
+    return train, cfg.data.eval_source or (default_eval if fs.isdir(p) else "")
+
+
+def _check_run_dir(run_dir: str, resume: bool) -> None:
+    fs, p = filesystem(join(run_dir, "config.json"))
+    if fs.exists(p) and not resume:
+        raise ConfigError(f"{run_dir!r} already holds a run: pass --resume to continue it, "
+                          "or choose another --output")
+
+
+def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
+    """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
+    from vlmray.data.ingest import run_ingest
+    from vlmray.train.checkpoint import find_latest
+    from vlmray.train.history import read_history
+    from vlmray.train.report import dedup_by_step, write_json, write_summary
+    from vlmray.train.trainer import build_trainer
+
+    cfg = validate(cfg)
+    run_dir = output or f"runs/{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "://" not in run_dir:
+        run_dir = str(Path(run_dir).resolve())
+    _check_run_dir(run_dir, resume)
+    t0 = time.perf_counter()
+    write_json(join(run_dir, "config.json"), cfg.to_dict())
+    train_uri, eval_uri = resolve_data(cfg, run_dir)
+    init_ray()
+    ingest = run_ingest(cfg.data, train_uri, rejects_uri=join(run_dir, "rejects"))
+    print(f"[vlmray] ingest: {ingest.summary()}", flush=True)
+    latest = find_latest(Path(run_dir) / "ray") if resume and "://" not in run_dir else None
+    trainer = build_trainer(cfg, {"train": ingest.train}, run_dir=run_dir, eval_uri=eval_uri,
+                            resume_from=str(latest) if latest else None)
+    result = trainer.fit()
+    rows = dedup_by_step(read_history(run_dir))
+    summary = _summarise(rows, ingest.summary(), time.perf_counter() - t0)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary["checkpoint"] = checkpoint
+    write_summary(run_dir, summary, rows)
+    return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
+
+
+def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    evals = [r for r in rows if "zero_shot_top1" in r]
+    last_eval = evals[-1] if evals else {}
+    throughput = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    keys = ("zero_shot_top1", "zero_shot_top5", "zero_shot_chance", "retrieval_i2t_r1",
+            "retrieval_i2t_r5", "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5",
+            "retrieval_t2i_r10")
+    return {
+        **{k: last_eval.get(k) for k in keys},
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "steps": rows[-1]["step"] if rows else 0,
+        "samples_seen": rows[-1].get("samples_seen") if rows else 0,
+        "samples_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
+        "wall_s": wall_s,
+        **ingest,
+    }
+
+
+__all__ = ["RunResult", "init_ray", "resolve_data", "run"]

@@ -1,0 +1,279 @@
+"""Typed, keyword-only run configuration.
+
+A run is ``Config(data=..., model=..., objectives=[...], train=..., eval=...)``. Recipes (in
+``vlmray.recipes``) are functions returning a ``Config``; ``apply_overrides`` takes dotted
+``section.field=value`` strings from the command line; ``validate`` checks every name before
+any Ray work starts and names the valid choices on a miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmray.data.synthetic import SyntheticConfig
+from vlmray.objectives.registry import ObjectiveSpec
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "builtin"
+    """Dataset root (local path or s3:// URI) holding ``train/*.tar`` (and ``eval/``), or a
+    directory of shards. ``builtin`` generates the synthetic noisy dataset into the run dir."""
+    eval_source: str = ""
+    """Held-out split (a directory of shards with ``classes.json``); default ``<source>/eval``."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Generator settings used when ``source == "builtin"``."""
+    image_size: int = 32
+    """Side of the square images fed to the vision tower (decoded, resized in Ray Data)."""
+    min_image_side: int = 16
+    """Rows whose decoded image is smaller than this on either side are rejected."""
+    max_text_chars: int = 1000
+    """Rows whose caption is longer than this are rejected (keyword-stuffed alt-text)."""
+    context_length: int = 32
+    """Tokens per caption, including BOS/EOS."""
+    tokenizer: str = "hash"
+    """``hash`` (offline, no files) or ``hf:<local dir>`` for a Hugging Face tokenizer."""
+    vocab_size: int = 8192
+    """Vocabulary size of the ``hash`` tokenizer."""
+    shuffle_buffer: int = 2048
+    """Rows in each worker's local shuffle buffer (0 turns shuffling off)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vision: str = "vit_tiny_patch16_224"
+    """Any timm model name; built with ``num_classes=0`` and the kwargs below."""
+    vision_kwargs: dict[str, Any] = field(default_factory=lambda: {
+        "patch_size": 4, "embed_dim": 128, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0})
+    """Extra keyword arguments for ``timm.create_model`` (``img_size`` is set from data)."""
+    vision_weights: str = ""
+    """Local path of a state dict for the vision tower (empty: random init)."""
+    text: dict[str, Any] = field(default_factory=lambda: {
+        "model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 256})
+    """A transformers encoder config (``model_type`` plus fields); vocab and positions are set
+    from the tokenizer."""
+    text_weights: str = ""
+    """Local directory of a transformers model for the text tower (empty: random init)."""
+    text_pooling: Literal["mean", "first"] = "mean"
+    """How token states become one text vector: masked mean, or the first (BOS/CLS) token."""
+    embed_dim: int = 128
+    """Width of the shared image-text embedding space."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature; the learnable logit scale starts at 1/this."""
+    max_logit_scale: float = 100.0
+    """The logit scale is clamped to at most this."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 500
+    """Optimiser steps in the whole run."""
+    batch_size: int = 128
+    """Global batch size (split evenly across workers)."""
+    lr: float = 2e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to biases, norms, embeddings-of-scale)."""
+    warmup_steps: int = 50
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.05
+    """Cosine decays to ``lr * min_lr_ratio``."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    num_workers: int = 0
+    """Ray Train workers; 0 = one per GPU in the cluster, or 1 on a CPU-only cluster."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each worker reserves (fractional so Ray Data is never starved)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """``auto`` uses GPUs when the cluster has them."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    torch_threads: int = 0
+    """Intra-op threads per CPU worker; 0 = the node's cores divided among its workers."""
+    log_every: int = 10
+    """Steps between metric reports."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints Ray Train keeps."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train attempts (restoring from the last checkpoint)."""
+    seed: int = 0
+    """Seeds model init and data order."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 250
+    """Steps between held-out evaluations (0: only at the end)."""
+    max_samples: int = 1000
+    """Held-out rows used for zero-shot and retrieval."""
+    batch_size: int = 256
+    """Rows per forward pass during evaluation."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec(name="clip")])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = ""
+    """The recipe this config came from (informational)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return _from_dict(cls, d)
+
+
+class ConfigError(ValueError):
+    """A bad config: raised before any work starts, naming the valid choices."""
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce_obj(hints[name], value)
+    return cls(**kwargs)
+
+
+def _coerce_obj(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _from_dict(tp, value)
+    if typing.get_origin(tp) is list and typing.get_args(tp)[0] is ObjectiveSpec:
+        return [v if isinstance(v, ObjectiveSpec) else ObjectiveSpec(**v) for v in value]
+    return value
+
+
+# --- dotted overrides ------------------------------------------------------------------------
+
+
+def field_paths(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """All overridable dotted names of a config -> their type hints."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_paths(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = hints[f.name]
+    return out
+
+
+def parse_value(tp: Any, text: str, name: str) -> Any:
+    """Parses a command-line string into the field's type, with a clear error."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if text not in choices:
+            raise ConfigError(f"{name}: {text!r} is not one of {list(choices)}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    try:
+        if tp is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if tp in (int, float, str):
+            return tp(text)
+        if typing.get_origin(tp) is list and typing.get_args(tp)[0] is ObjectiveSpec:
+            return parse_objectives(text)
+        return json.loads(text)  # dicts and lists
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{name}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from e
+
+
+def parse_objectives(text: str) -> list[ObjectiveSpec]:
+    """``clip`` / ``clip:1.0,siglip:0.5`` / a JSON list of ``{"name", "weight", "params"}``."""
+    if text.lstrip().startswith("["):
+        return [ObjectiveSpec(**d) for d in json.loads(text)]
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition(":")
+        specs.append(ObjectiveSpec(name=name, weight=float(weight) if weight else 1.0))
+    return specs
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, str | Any]) -> Config:
+    """Returns a copy of ``cfg`` with dotted fields replaced; unknown names raise."""
+    cfg = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    paths = field_paths(cfg)
+    for name, value in overrides.items():
+        if name not in paths:
+            raise ConfigError(unknown_field_message(name, sorted(paths)))
+        if isinstance(value, str):
+            value = parse_value(paths[name], value, name)
+        *parents, leaf = name.split(".")
+        target = cfg
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def unknown_field_message(name: str, valid: list[str]) -> str:
+    from vlmray._registry import unknown_message
+
+    return unknown_message("config field", name, valid, limit=len(valid))
+
+
+# --- validation (before any Ray work) --------------------------------------------------------
+
+
+def validate(cfg: Config) -> Config:
+    """Checks names and ranges; raises ``ConfigError`` naming the valid choices."""
+    from vlmray.models import validate_model_config
+    from vlmray.objectives import validate_spec
+
+    _check_literals(cfg)
+    if not cfg.objectives:
+        raise ConfigError("at least one objective is required")
+    for spec in cfg.objectives:
+        validate_spec(spec)
+    validate_model_config(cfg.model)
+    t = cfg.train
+    if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0 or not math.isfinite(t.lr):
+        raise ConfigError("train.steps, train.batch_size and train.lr must be positive")
+    if t.num_workers and t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by "
+                          f"train.num_workers {t.num_workers}")
+    if cfg.data.tokenizer != "hash" and not cfg.data.tokenizer.startswith("hf:"):
+        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer!r}: valid: 'hash', 'hf:<dir>'")
+    return cfg
+
+
+def _check_literals(obj: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_literals(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            choices = typing.get_args(hints[f.name])
+            if value not in choices:
+                raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {list(choices)}")
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig",
+    "ObjectiveSpec", "SyntheticConfig", "apply_overrides", "field_paths", "parse_objectives",
+    "validate",
+]

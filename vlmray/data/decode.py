@@ -1,0 +1,120 @@
+"""Decode and validate raw samples into training tensors. Pure NumPy/PIL, no Ray.
+
+Used by the Ray Data ingest stage and by evaluation, so train and eval rows are prepared the
+same way. A bad row is never an exception: it comes back with a ``reject_reason``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from vlmray.data import schema
+from vlmray.data.tokenize import Tokenizer
+
+# Reasons a row is rejected at ingest (the values of the reject_reason column).
+MISSING_IMAGE = "missing_image"
+DECODE_ERROR = "decode_error"
+IMAGE_TOO_SMALL = "image_too_small"
+MISSING_TEXT = "missing_text"
+EMPTY_TEXT = "empty_text"
+TEXT_TOO_LONG = "text_too_long"
+REASONS = (MISSING_IMAGE, DECODE_ERROR, IMAGE_TOO_SMALL, MISSING_TEXT, EMPTY_TEXT, TEXT_TOO_LONG)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeSpec:
+    image_size: int
+    min_image_side: int = 16
+    max_text_chars: int = 1000
+
+
+def decode_image(data: bytes | None, spec: DecodeSpec) -> tuple[np.ndarray | None, str]:
+    """Encoded bytes -> uint8 (3, S, S) (shorter side resized, centre-cropped), or a reason."""
+    if not data:
+        return None, MISSING_IMAGE
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            img = im.convert("RGB")
+    except Exception:  # PIL raises many types for truncated or garbage bytes
+        return None, DECODE_ERROR
+    if min(img.size) < spec.min_image_side:
+        return None, IMAGE_TOO_SMALL
+    return _resize_crop(img, spec.image_size), ""
+
+
+def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+
+
+def check_text(text: str | None, spec: DecodeSpec) -> str:
+    if text is None:
+        return MISSING_TEXT
+    if not text.strip():
+        return EMPTY_TEXT
+    if len(text) > spec.max_text_chars:
+        return TEXT_TOO_LONG
+    return ""
+
+
+def _as_str(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def label_of(meta: object) -> int:
+    """The integer ``label`` of a JSON sidecar, or -1 when absent or unreadable."""
+    try:
+        value = json.loads(_as_str(meta) or "{}").get("label", -1)
+        return int(value) if value is not None else -1
+    except (ValueError, TypeError, AttributeError):
+        return -1
+
+
+def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Sequence[object],
+                 metas: Sequence[object], spec: DecodeSpec, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """Raw columns -> a batch with PIXELS, TOKENS, TOKEN_MASK, LABEL, TEXT, KEY, REJECT_REASON.
+
+    Rejected rows keep their key, text and reason; their pixels are zeros.
+    """
+    n, s = len(keys), spec.image_size
+    pixels = np.zeros((n, 3, s, s), dtype=np.uint8)
+    reasons, clean_texts = [], []
+    for i in range(n):
+        text = _as_str(texts[i])
+        reason = check_text(text, spec)
+        img, img_reason = decode_image(images[i], spec)
+        reason = img_reason or reason
+        if img is not None:
+            pixels[i] = img
+        reasons.append(reason)
+        clean_texts.append(text or "")
+    ids, mask = tokenizer([t if not r else "" for t, r in zip(clean_texts, reasons)])
+    return {
+        schema.KEY: np.asarray([str(k) for k in keys], dtype=object),
+        schema.TEXT: np.asarray(clean_texts, dtype=object),
+        schema.LABEL: np.asarray([label_of(m) for m in metas], dtype=np.int64),
+        schema.PIXELS: pixels,
+        schema.TOKENS: ids,
+        schema.TOKEN_MASK: mask,
+        schema.REJECT_REASON: np.asarray(reasons, dtype=object),
+    }
+
+
+__all__ = ["DecodeSpec", "REASONS", "decode_image", "label_of", "prepare_rows"]

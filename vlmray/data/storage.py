@@ -1,0 +1,90 @@
+"""Storage: one way to reach a local path or an ``s3://`` URI.
+
+Everything that touches files goes through :func:`filesystem` (fsspec, for plain Python I/O) or
+:func:`arrow_filesystem` (pyarrow, for Ray Data readers/writers' ``filesystem=`` argument).
+S3 goes through s3fs, which honours the usual AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), so a MinIO/moto endpoint needs no code change.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pyarrow.fs as pafs
+
+__all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent"]
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _protocol(uri: str) -> str:
+    """The scheme of ``uri`` (``"file"`` for plain paths)."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that are not on the local filesystem."""
+    return _protocol(uri) not in ("file", "local")
+
+
+def _require_s3fs() -> None:
+    try:
+        import s3fs  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "s3:// paths need s3fs: `pip install s3fs` (or `pip install vlmray[s3]`)"
+        ) from e
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a local path or URI; ``path`` is native to ``fs``.
+
+    Local paths come back absolute; ``s3://bucket/key`` comes back as ``bucket/key``.
+    """
+    if _protocol(uri) in _S3_PROTOCOLS:
+        _require_s3fs()
+    elif not is_remote(uri):
+        uri = os.path.abspath(uri.split("://", 1)[-1])
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(pyarrow_fs, path)`` suitable for ``ray.data.read_*(paths, filesystem=...)``.
+
+    Local paths use pyarrow's own ``LocalFileSystem``; anything else wraps the fsspec
+    filesystem from :func:`filesystem` in ``PyFileSystem(FSSpecHandler(...))``.
+    """
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/`` (keeps the ``s3://`` scheme)."""
+    out = uri.rstrip("/") if uri not in ("/", "") else uri
+    for part in parts:
+        part = part.strip("/")
+        if not part:
+            continue
+        out = f"{out}/{part}" if out and not out.endswith("/") else f"{out}{part}"
+    return out
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the parent directory of ``path`` on local filesystems (object stores need none)."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and _is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of :func:`filesystem`: a path native to ``fs`` back to a URI (plain if local)."""
+    return path if _is_local(fs) else fs.unstrip_protocol(path)

@@ -1,0 +1,7 @@
+"""Evaluation: zero-shot classification and image<->text retrieval on a held-out split."""
+
+from vlmray.eval.evaluate import evaluate
+from vlmray.eval.heldout import HeldOut, load_heldout
+from vlmray.eval.metrics import recall_at_k, topk_accuracy
+
+__all__ = ["HeldOut", "evaluate", "load_heldout", "recall_at_k", "topk_accuracy"]

@@ -1,0 +1,32 @@
+"""Objectives: small loss modules, a registry of them, and their weighted mix.
+
+    from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+    mix = ObjectiveMix.from_specs([ObjectiveSpec(name="clip", params={"gather": "local"})])
+    result = mix(batch, outputs, dist)         # LossResult(loss, metrics)
+"""
+
+from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.registry import (
+    OBJECTIVES,
+    ObjectiveSpec,
+    build_objective,
+    list_objectives,
+    register_objective,
+    validate_spec,
+    validate_specs,
+)
+from vlmray.objectives.mix import ObjectiveMix
+from vlmray.objectives import contrastive  # noqa: E402,F401  (registers "clip")
+
+__all__ = [
+    "OBJECTIVES",
+    "LossResult",
+    "Objective",
+    "ObjectiveMix",
+    "ObjectiveSpec",
+    "build_objective",
+    "list_objectives",
+    "register_objective",
+    "validate_spec",
+    "validate_specs",
+]

@@ -1,0 +1,64 @@
+"""``ObjectiveMix``: the training loss as a weighted sum of objectives, L = sum_i w_i * L_i."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.registry import ObjectiveSpec, build_objective, validate_specs
+
+if TYPE_CHECKING:
+    from vlmray.distributed import Dist
+    from vlmray.models.outputs import Outputs
+
+
+class ObjectiveMix(nn.Module):
+    """L = sum_i w_i * L_i over named objectives.
+
+    Metrics: ``loss`` (the weighted total), ``loss/<name>`` (each objective's unweighted L_i)
+    and each objective's own metrics as ``<name>/<metric>``.
+    """
+
+    def __init__(
+        self, objectives: Mapping[str, Objective], weights: Mapping[str, float] | None = None
+    ) -> None:
+        super().__init__()
+        if not objectives:
+            raise ValueError("ObjectiveMix needs at least one objective")
+        weights = dict(weights or {})
+        stray = sorted(set(weights) - set(objectives))
+        if stray:
+            raise ValueError(f"weights for unknown objectives {stray}; have {sorted(objectives)}")
+        self.objectives = nn.ModuleDict(dict(objectives))
+        self.weights: dict[str, float] = {n: float(weights.get(n, 1.0)) for n in objectives}
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[ObjectiveSpec]) -> ObjectiveMix:
+        """Build every spec (validated first: distinct names, known params)."""
+        validate_specs(specs)
+        return cls({s.name: build_objective(s) for s in specs}, {s.name: s.weight for s in specs})
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Union of the objectives' ``needs``: what the model must produce."""
+        return frozenset().union(*(obj.needs for obj in self.objectives.values()))
+
+    def forward(self, batch: Mapping[str, Tensor], out: Outputs, dist: Dist) -> LossResult:
+        """Run each objective and combine: loss = sum_i w_i * loss_i."""
+        results = {name: obj(batch, out, dist) for name, obj in self.objectives.items()}
+        total = sum(self.weights[name] * r.loss for name, r in results.items())
+        # One host sync for all the scalars, not one per objective.
+        scalars = [total] + [r.loss for r in results.values()]
+        total_value, *losses = torch.stack([v.detach().float() for v in scalars]).tolist()
+        metrics: dict[str, float] = {"loss": total_value}
+        for (name, result), value in zip(results.items(), losses):
+            metrics[f"loss/{name}"] = value
+            metrics.update({f"{name}/{key}": v for key, v in result.metrics.items()})
+        return LossResult(loss=total, metrics=metrics)
+
+
+__all__ = ["ObjectiveMix"]

@@ -1,0 +1,1 @@
+"""Embedding and FAISS retrieval indexes; see the open issues."""

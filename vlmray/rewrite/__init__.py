@@ -1,0 +1,1 @@
+"""Caption rewriting backends (La-CLIP / ALIP); see the open issues."""

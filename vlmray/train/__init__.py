@@ -1,0 +1,1 @@
+"""Training on Ray Train: the per-worker loop, optimiser, checkpoints, TorchTrainer."""

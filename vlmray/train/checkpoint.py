@@ -1,0 +1,68 @@
+"""Checkpoints: one directory holding ``state.pt`` (model, optimiser, scheduler, data position)
+and ``config.json`` (enough to rebuild the model for evaluation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE = "state.pt"
+CONFIG = "config.json"
+PROGRESS = "progress.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands: optimiser steps done, and the position in the data stream."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, progress: Progress, config: dict) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": asdict(progress)}, path / STATE)
+    (path / CONFIG).write_text(json.dumps(config, indent=1))
+    (path / PROGRESS).write_text(json.dumps(asdict(progress)))
+    return path
+
+
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None) -> Progress:
+    """Restores what is given in place; returns the saved progress."""
+    state = torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return Progress(**state["progress"])
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / CONFIG).read_text())
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The checkpoint directory under ``root`` with the most steps, or None."""
+    best, best_step = None, -1
+    for marker in Path(root).rglob(PROGRESS):
+        if not (marker.parent / STATE).is_file():
+            continue
+        step = json.loads(marker.read_text())["step"]
+        if step > best_step:
+            best, best_step = marker.parent, step
+    return best
+
+
+__all__ = ["Progress", "find_latest", "load_checkpoint", "read_config", "save_checkpoint"]

@@ -1,0 +1,54 @@
+"""Building the Ray Train ``TorchTrainer`` for a Config: scaling from the cluster, storage,
+failure handling, and the resume point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from vlmray.config import Config, ConfigError, TrainConfig
+from vlmray.train.loop import train_fn_per_worker
+
+
+def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ray.train.ScalingConfig:
+    """One worker per GPU when the cluster has GPUs (NCCL, bf16), else CPU workers (gloo) that
+    reserve fractional CPUs so Ray Data keeps cores to read and decode with."""
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    gpus = int(cluster.get("GPU", 0))
+    if cfg.device == "gpu" and gpus == 0:
+        raise ConfigError("train.device='gpu' but the Ray cluster has no GPUs")
+    use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
+    workers = cfg.num_workers or (gpus if use_gpu else 1)
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                   resources_per_worker=resources)
+
+
+def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_uri: str,
+                  resume_from: str | None = None) -> TorchTrainer:
+    scaling = scaling_for(cfg.train)
+    if cfg.train.batch_size % scaling.num_workers:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
+                          f"{scaling.num_workers} workers")
+    run_config = ray.train.RunConfig(
+        name="train", storage_path=str(Path(run_dir).resolve() / "ray") if "://" not in run_dir
+        else f"{run_dir}/ray",
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+    )
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=scaling, run_config=run_config, datasets=datasets,
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
+    )
+
+
+__all__ = ["build_trainer", "scaling_for"]
