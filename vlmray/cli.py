@@ -52,6 +52,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     group = parser.add_argument_group("config fields (dotted overrides; defaults from the recipe)")
     defaults = Config()
     for name, doc in _docs_for(defaults).items():
+        if name in ("recipe", "objectives"):
+            continue
         group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=doc)
     group.add_argument("--objectives", dest="objectives", default=argparse.SUPPRESS, metavar="V",
                        help="objectives with weights: 'clip' or 'clip:1,siglip:0.5' or a JSON list")

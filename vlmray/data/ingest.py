@@ -47,11 +47,14 @@ def decode_spec(cfg: DataConfig) -> DecodeSpec:
 
 
 class DecodeStage:
-    """Ray Data batch function: webdataset columns -> decoded, tokenised, with reject reasons."""
+    """Ray Data batch function: webdataset columns -> decoded, tokenised, with reject reasons.
+
+    Holds only light, picklable settings (no torch), so Ray Data workers start fast.
+    """
 
     def __init__(self, cfg: DataConfig) -> None:
-        self.cfg = cfg
         self.spec = decode_spec(cfg)
+        self.tokenizer_args = (cfg.tokenizer, cfg.vocab_size, cfg.context_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = batch["__key__"]
@@ -60,7 +63,8 @@ class DecodeStage:
         images = batch[image_col] if image_col else [None] * n
         texts = batch["txt"] if "txt" in batch else [None] * n
         metas = batch["json"] if "json" in batch else [None] * n
-        return prepare_rows(keys, images, texts, metas, self.spec, tokenizer_for(self.cfg))
+        return prepare_rows(keys, images, texts, metas, self.spec,
+                            cached_tokenizer(*self.tokenizer_args))
 
 
 def read_shards(uri: str) -> ray.data.Dataset:

@@ -9,11 +9,13 @@ S3 goes through s3fs, which honours the usual AWS environment (``AWS_ENDPOINT_UR
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 
-__all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent"]
+__all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent",
+           "open_write"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -88,3 +90,10 @@ def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of :func:`filesystem`: a path native to ``fs`` back to a URI (plain if local)."""
     return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def open_write(uri: str, mode: str = "w") -> Any:
+    """Opens ``uri`` for writing (local or s3://), creating local parent directories."""
+    fs, path = filesystem(uri)
+    ensure_parent(fs, path)
+    return fs.open(path, mode)

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from vlmray.data.storage import filesystem, join
+from vlmray.data.storage import filesystem, join, open_write
 
 HISTORY = "history.jsonl"
 
@@ -35,8 +35,7 @@ class History:
                if isinstance(v, (int, float)) and math.isfinite(v)}
         self.rows.append(row)
         _print_progress(row)
-        fs, path = filesystem(join(self.run_dir, HISTORY))
-        with fs.open(path, "w") as f:
+        with open_write(join(self.run_dir, HISTORY)) as f:
             f.write("".join(json.dumps(r) + "\n" for r in self.rows))
 
 

@@ -85,6 +85,18 @@ def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dis
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _restore(state: TrainState, resume_from: str | None) -> None:
+    """Restores from this run's last reported checkpoint (after a worker failure), else from the
+    checkpoint directory a ``--resume`` named, else starts fresh."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and resume_from:
+        ckpt = ray.train.Checkpoint.from_directory(resume_from)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
+                                             scheduler=state.scheduler)
+
+
 def train_fn_per_worker(config: dict) -> None:
     """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str}``."""
     cfg = Config.from_dict(config["cfg"])
@@ -92,11 +104,7 @@ def train_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     dist = Dist.from_env(device=device)
     state = build_state(cfg, device=device, wrap=ray.train.torch.prepare_model)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
-                                             scheduler=state.scheduler)
+    _restore(state, config.get("resume_from"))
     history = History(config["run_dir"], enabled=dist.is_main, resume_step=state.progress.step)
     evaluator = state.evaluator(config["eval_uri"]) if dist.is_main else None
     shard = ray.train.get_dataset_shard("train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vlmray.data.storage import filesystem, join
+from vlmray.data.storage import join, open_write
 
 
 def dedup_by_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -30,15 +30,13 @@ def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
         ax_eval.axhline(evals[-1]["zero_shot_chance"], ls="--", c="grey", label="chance")
     ax_eval.set_xlabel("step"), ax_eval.set_ylabel("held-out"), ax_eval.legend()
     fig.tight_layout()
-    fs, p = filesystem(path)
-    with fs.open(p, "wb") as f:
+    with open_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
-    fs, p = filesystem(path)
-    with fs.open(p, "w") as f:
+    with open_write(path) as f:
         json.dump(data, f, indent=1, sort_keys=True)
 
 

@@ -44,10 +44,10 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
     )
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri,
+                           "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
     )
 
 
