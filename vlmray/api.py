@@ -26,15 +26,23 @@ class RunResult:
 
 
 def init_ray() -> None:
-    """Connects to the cluster a job was submitted to (RAY_ADDRESS), or starts a local one."""
+    """Connects to the cluster a job was submitted to (RAY_ADDRESS), or starts a local one
+    bound to loopback. Ray Data's per-operator progress bars are turned off: the run prints its
+    own ingest summary and per-step progress."""
     import ray
+    import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=None if address else False,
-             log_to_driver=True)
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(dashboard_host="127.0.0.1")
 
 
 def resolve_data(cfg: Config, run_dir: str) -> tuple[str, str]:

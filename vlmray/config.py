@@ -50,7 +50,7 @@ class ModelConfig:
     vision: str = "vit_tiny_patch16_224"
     """Any timm model name; built with ``num_classes=0`` and the kwargs below."""
     vision_kwargs: dict[str, Any] = field(default_factory=lambda: {
-        "patch_size": 4, "embed_dim": 128, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0})
+        "patch_size": 8, "embed_dim": 128, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0})
     """Extra keyword arguments for ``timm.create_model`` (``img_size`` is set from data)."""
     vision_weights: str = ""
     """Local path of a state dict for the vision tower (empty: random init)."""
@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 500
+    steps: int = 300
     """Optimiser steps in the whole run."""
     batch_size: int = 128
     """Global batch size (split evenly across workers)."""
@@ -81,7 +81,7 @@ class TrainConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to biases, norms, embeddings-of-scale)."""
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     """Linear warmup steps before the cosine decay."""
     min_lr_ratio: float = 0.05
     """Cosine decays to ``lr * min_lr_ratio``."""
@@ -111,7 +111,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    every: int = 250
+    every: int = 100
     """Steps between held-out evaluations (0: only at the end)."""
     max_samples: int = 1000
     """Held-out rows used for zero-shot and retrieval."""

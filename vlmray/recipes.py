@@ -17,7 +17,7 @@ RECIPES: Registry[Callable[[], Config]] = Registry("recipe")
 
 @RECIPES.register("clip_tiny")
 def clip_tiny() -> Config:
-    """CLIP on the built-in noisy data: a 3-layer ViT (32 px, 4 px patches) and a 2-layer BERT,
+    """CLIP on the built-in noisy data: a 3-layer ViT (32 px, 8 px patches) and a 2-layer BERT,
     128-d embeddings; learns zero-shot well above chance in a few minutes on 2 CPU cores."""
     return Config(recipe="clip_tiny", objectives=[ObjectiveSpec(name="clip")])
 

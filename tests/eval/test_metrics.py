@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ from vlmray.eval import HeldOut, evaluate, load_heldout, recall_at_k, topk_accur
 from vlmray.eval.heldout import class_prompts
 from vlmray.eval.metrics import class_embeddings
 from vlmray.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core box, OpenMP spinning with 2 threads is 10-40x
+    slower than 1 when other jobs hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ref_topk(logits: Tensor, labels: Tensor, k: int) -> float:

@@ -34,7 +34,6 @@ def _clear_s3fs_cache() -> None:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Start moto's server on a free port and point the AWS environment at it."""
-    pytest.importorskip("moto.server")
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
