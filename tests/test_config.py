@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,9 +18,8 @@ import pytest
 from vlmray.cli import build_parser, field_docs
 from vlmray.config import (
     Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ObjectiveSpec, SyntheticConfig,
-    TrainConfig, apply_overrides, field_paths, parse_objectives, validate,
+    TrainConfig, apply_overrides, field_paths, parse_objectives, parse_value, validate,
 )
-from vlmray.config import parse_value
 from vlmray.recipes import list_recipes, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,11 +173,15 @@ def test_validate_checks_literals_ranges_and_paths(tmp_path: Path) -> None:
     cfg.train.precision = "fp16"                                    # set directly, not parsed
     with pytest.raises(ConfigError, match=r"train\.precision: 'fp16' is not one of"):
         validate(cfg)
-    bad = [{"train.steps": "0"}, {"train.batch_size": "10", "train.num_workers": "3"},
-           {"data.tokenizer": "bpe"}, {"model.vision_weights": str(tmp_path / "none.pt")},
-           {"model.text_weights": str(tmp_path / "no_dir")}]
-    for overrides in bad:
-        with pytest.raises(ConfigError):
+    bad = [({"train.steps": "0"}, "must be positive"),
+           ({"train.lr": "nan"}, "must be positive"),
+           ({"train.batch_size": "10", "train.num_workers": "3"}, "not divisible"),
+           ({"data.tokenizer": "bpe"}, "'hash', 'hf:<dir>'"),
+           ({"model.vision_weights": str(tmp_path / "none.pt")}, "is not a file"),
+           ({"model.text_weights": str(tmp_path / "no_dir")}, "is not a local directory"),
+           ({"objectives": ""}, "at least one objective")]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
             validate(recipe("clip_tiny", **overrides))
 
 
@@ -186,7 +190,8 @@ def test_validate_checks_literals_ranges_and_paths(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", list_recipes())
 def test_to_dict_from_dict_round_trip(name: str) -> None:
-    cfg = recipe(name, objectives='[{"name": "clip", "weight": 0.5, "params": {"gather": "global"}}]')
+    objectives = '[{"name": "clip", "weight": 0.5, "params": {"gather": "global"}}]'
+    cfg = recipe(name, objectives=objectives)
     back = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     assert isinstance(back.data, DataConfig) and isinstance(back.eval, EvalConfig)
@@ -236,7 +241,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     procs = {}
     for case, args in _CLI_CASES.items():
         tmp = tmp_path_factory.mktemp(f"cli_{case}")
-        env = {**os.environ, "RAY_TMPDIR": str(tmp / "raytmp"), "TMPDIR": str(tmp)}
+        env = {**os.environ, "RAY_TMPDIR": str(tmp / "raytmp"), "TMPDIR": str(tmp),
+               "OMP_NUM_THREADS": "1"}
         env.pop("RAY_ADDRESS", None)
         proc = subprocess.Popen([sys.executable, "-c", _GUARD, *args], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from vlmray.data.synthetic import SyntheticConfig
@@ -197,7 +198,7 @@ def parse_value(tp: Any, text: str, name: str) -> Any:
         if typing.get_origin(tp) is list and typing.get_args(tp)[0] is ObjectiveSpec:
             return parse_objectives(text)
         return json.loads(text)  # dicts and lists
-    except (ValueError, json.JSONDecodeError) as e:
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{name}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from e
 
 
@@ -241,13 +242,15 @@ def unknown_field_message(name: str, valid: list[str]) -> str:
 def validate(cfg: Config) -> Config:
     """Checks names and ranges; raises ``ConfigError`` naming the valid choices."""
     from vlmray.models import validate_model_config
-    from vlmray.objectives import validate_spec
+    from vlmray.objectives import validate_specs
 
     _check_literals(cfg)
     if not cfg.objectives:
         raise ConfigError("at least one objective is required")
-    for spec in cfg.objectives:
-        validate_spec(spec)
+    try:
+        validate_specs(cfg.objectives)  # names, params, weights, no repeats
+    except ValueError as e:  # UnknownNameError is a ValueError too
+        raise ConfigError(f"objectives: {e}") from None
     validate_model_config(cfg.model)
     t = cfg.train
     if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0 or not math.isfinite(t.lr):
@@ -255,8 +258,11 @@ def validate(cfg: Config) -> Config:
     if t.num_workers and t.batch_size % t.num_workers:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by "
                           f"train.num_workers {t.num_workers}")
-    if cfg.data.tokenizer != "hash" and not cfg.data.tokenizer.startswith("hf:"):
-        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer!r}: valid: 'hash', 'hf:<dir>'")
+    tok = cfg.data.tokenizer
+    if tok != "hash" and not tok.startswith("hf:"):
+        raise ConfigError(f"data.tokenizer {tok!r}: valid: 'hash', 'hf:<local directory>'")
+    if tok.startswith("hf:") and not Path(tok[3:]).is_dir():
+        raise ConfigError(f"data.tokenizer {tok!r}: {tok[3:]!r} is not a local directory")
     return cfg
 
 

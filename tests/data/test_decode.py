@@ -115,8 +115,9 @@ def test_prepare_rows_mixed_batch() -> None:
     tok = HashTokenizer(vocab_size=512, context_length=10)
     clean = [make_sample(SYN, "eval", i) for i in range(2)]
     tiny = encode(np.zeros((4, 4, 3), np.uint8))
+    c0 = clean[0]
     rows = [
-        (clean[0][schema.KEY], clean[0][schema.IMAGE], clean[0][schema.TEXT], clean[0][schema.META]),
+        (c0[schema.KEY], c0[schema.IMAGE], c0[schema.TEXT], c0[schema.META]),
         ("bytes-text", clean[1][schema.IMAGE], clean[1][schema.TEXT].encode(), b'{"label": 4}'),
         ("no-image", None, "a red circle", '{"label": 1}'),
         ("garbage", b"\x00not an image", "a red circle", "{broken"),

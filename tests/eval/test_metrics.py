@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +82,7 @@ def test_recall_is_perfect_for_identical_embeddings_and_directional() -> None:
                          [0.0, 0.0, 0.3]])                          # image 2 -> text 2: hit
     out = recall_at_k(torch.eye(3), sims.T, (1, 2))                 # img @ txt.T == sims
     assert out["retrieval_i2t_r1"] == pytest.approx(2 / 3)
-    assert out["retrieval_t2i_r1"] == pytest.approx(1.0)           # each text's best image is its own
+    assert out["retrieval_t2i_r1"] == pytest.approx(1.0)           # each text: its own image
     assert out["retrieval_i2t_r2"] == pytest.approx(1.0)
 
 
@@ -133,7 +132,8 @@ def test_evaluate_tiny_model(heldout: tuple[HeldOut, HashTokenizer]) -> None:
     assert small["zero_shot_chance"] == pytest.approx(1 / 20)
     assert small["zero_shot_top1"] <= small["zero_shot_top5"]
     for d in ("i2t", "t2i"):
-        assert small[f"retrieval_{d}_r1"] <= small[f"retrieval_{d}_r5"] <= small[f"retrieval_{d}_r10"]
+        r1, r5, r10 = (small[f"retrieval_{d}_r{k}"] for k in (1, 5, 10))
+        assert r1 <= r5 <= r10
     big = evaluate(model, data, tok, batch_size=1000)               # batching changes nothing
     assert big == pytest.approx(small)
 

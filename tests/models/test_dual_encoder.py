@@ -211,7 +211,8 @@ def test_text_weights_from_a_local_dir(saved_bert: tuple[Path, object], offline:
         assert torch.equal(loaded[name], value), name
     b = batch()
     with torch.no_grad():
-        want = bert(input_ids=b[schema.TOKENS], attention_mask=b[schema.TOKEN_MASK]).last_hidden_state
+        want = bert(input_ids=b[schema.TOKENS],
+                    attention_mask=b[schema.TOKEN_MASK]).last_hidden_state
         torch.testing.assert_close(model.text(b[schema.TOKENS], b[schema.TOKEN_MASK]), want)
 
 

@@ -14,7 +14,8 @@ class Outputs:
     Attributes:
         image_embeds: (B, D) L2-normalised image embeddings.
         text_embeds: (B, D) L2-normalised text embeddings.
-        image_tokens: (B, N_img, D) per-patch features (FILIP, region-word...).
+        image_tokens: (B, N_img, D) per-position features of the vision trunk, projected (FILIP,
+            region-word...); ViTs include their prefix (CLS) tokens first.
         text_tokens: (B, N_txt, D) per-token features, with ``text_mask`` (B, N_txt).
         logit_scale: () the learnable inverse temperature, already exponentiated.
         logit_bias: () optional learnable bias (SigLIP).

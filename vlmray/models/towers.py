@@ -22,7 +22,11 @@ class VisionTower(nn.Module):
         self.trunk = _create_timm(name, img_size, kwargs)
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-            self.trunk.load_state_dict(state.get("state_dict", state), strict=False)
+            state = {k.removeprefix("trunk."): v for k, v in state.get("state_dict", state).items()}
+            missing = self.trunk.load_state_dict(state, strict=False).missing_keys
+            if missing:  # extra keys (a classifier head) are fine; absent trunk weights are not
+                raise ValueError(f"vision_weights {weights!r} lacks {len(missing)} of the "
+                                 f"trunk's tensors, e.g. {missing[:3]}")
         self.width: int = self.trunk.num_features
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
@@ -63,7 +67,7 @@ class TextTower(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         if weights:
-            self.encoder = AutoModel.from_pretrained(weights, local_files_only=True)
+            self.encoder = _model_from_pretrained(AutoModel, weights)
         else:
             cfg = dict(config)
             model_type = cfg.pop("model_type")
@@ -81,6 +85,13 @@ def _model_from_config(auto: Any, hf_cfg: Any) -> nn.Module:
         return auto.from_config(hf_cfg, add_pooling_layer=False)
     except TypeError:
         return auto.from_config(hf_cfg)
+
+
+def _model_from_pretrained(auto: Any, path: str) -> nn.Module:
+    try:  # no unused pooler (see _model_from_config)
+        return auto.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    except TypeError:
+        return auto.from_pretrained(path, local_files_only=True)
 
 
 def check_vision_name(name: str) -> None:
