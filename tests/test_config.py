@@ -176,7 +176,7 @@ def test_validate_checks_literals_ranges_and_paths(tmp_path: Path) -> None:
     bad = [({"train.steps": "0"}, "must be positive"),
            ({"train.lr": "nan"}, "must be positive"),
            ({"train.batch_size": "10", "train.num_workers": "3"}, "not divisible"),
-           ({"data.tokenizer": "bpe"}, "'hash', 'hf:<dir>'"),
+           ({"data.tokenizer": "bpe"}, "'hash', 'hf:<local directory>'"),
            ({"model.vision_weights": str(tmp_path / "none.pt")}, "is not a file"),
            ({"model.text_weights": str(tmp_path / "no_dir")}, "is not a local directory"),
            ({"objectives": ""}, "at least one objective")]
