@@ -17,8 +17,19 @@ import pytest
 
 from vlmray.cli import build_parser, field_docs
 from vlmray.config import (
-    Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ObjectiveSpec, SyntheticConfig,
-    TrainConfig, apply_overrides, field_paths, parse_objectives, parse_value, validate,
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    ObjectiveSpec,
+    SyntheticConfig,
+    TrainConfig,
+    apply_overrides,
+    field_paths,
+    parse_objectives,
+    parse_value,
+    validate,
 )
 from vlmray.recipes import list_recipes, recipe
 

@@ -12,7 +12,12 @@ import sys
 import textwrap
 from typing import Any
 
-from vlmray.config import Config, ConfigError, apply_overrides, field_paths, unknown_field_message
+from vlmray.config import (
+    Config,
+    ConfigError,
+    field_paths,
+    unknown_field_message,
+)
 from vlmray.recipes import list_recipes, recipe
 
 

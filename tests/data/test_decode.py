@@ -14,8 +14,17 @@ from PIL import Image
 
 from vlmray.data import schema
 from vlmray.data.decode import (
-    DECODE_ERROR, EMPTY_TEXT, IMAGE_TOO_SMALL, MISSING_IMAGE, MISSING_TEXT, TEXT_TOO_LONG,
-    DecodeSpec, check_text, decode_image, label_of, prepare_rows,
+    DECODE_ERROR,
+    EMPTY_TEXT,
+    IMAGE_TOO_SMALL,
+    MISSING_IMAGE,
+    MISSING_TEXT,
+    TEXT_TOO_LONG,
+    DecodeSpec,
+    check_text,
+    decode_image,
+    label_of,
+    prepare_rows,
 )
 from vlmray.data.synthetic import SyntheticConfig, make_sample
 from vlmray.data.tokenize import BOS, EOS, PAD, HashTokenizer

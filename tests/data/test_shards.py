@@ -12,10 +12,20 @@ import pytest
 
 from vlmray.data.schema import IMAGE, KEY, META, TEXT, WDS_SUFFIX
 from vlmray.data.shards import (
-    encode_shard, iter_shard, iter_shards, list_shards, load_classes, write_shard,
+    encode_shard,
+    iter_shard,
+    iter_shards,
+    list_shards,
+    load_classes,
+    write_shard,
 )
 from vlmray.data.storage import arrow_filesystem, filesystem, join
-from vlmray.data.synthetic import CLASSNAMES, SyntheticConfig, make_shard, write_synthetic
+from vlmray.data.synthetic import (
+    CLASSNAMES,
+    SyntheticConfig,
+    make_shard,
+    write_synthetic,
+)
 
 
 def _samples(n: int, prefix: str = "s") -> list[dict]:

@@ -18,7 +18,13 @@ from PIL import Image
 from vlmray.data.schema import IMAGE, KEY, LABEL, META, TEXT
 from vlmray.data.shards import iter_shard, iter_shards, load_classes
 from vlmray.data.synthetic import (
-    CLASSNAMES, COLOURS, NOISE_KINDS, SHAPES, TEMPLATES, SyntheticConfig, make_shard,
+    CLASSNAMES,
+    COLOURS,
+    NOISE_KINDS,
+    SHAPES,
+    TEMPLATES,
+    SyntheticConfig,
+    make_shard,
     write_synthetic,
 )
 

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,22 +12,19 @@ from torch import Tensor
 
 from vlmray.config import ModelConfig
 from vlmray.data.decode import DecodeSpec
-from vlmray.data.synthetic import CLASSNAMES, TEMPLATES, SyntheticConfig, write_synthetic
+from vlmray.data.synthetic import (
+    CLASSNAMES,
+    TEMPLATES,
+    SyntheticConfig,
+    write_synthetic,
+)
 from vlmray.data.tokenize import HashTokenizer
 from vlmray.eval import HeldOut, evaluate, load_heldout, recall_at_k, topk_accuracy
 from vlmray.eval.heldout import class_prompts
 from vlmray.eval.metrics import class_embeddings
 from vlmray.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning with 2 threads is 10-40x
-    slower than 1 when other jobs hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ref_topk(logits: Tensor, labels: Tensor, k: int) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,7 @@ from vlmray.objectives import ObjectiveMix, ObjectiveSpec
 B, S, V, L = 3, 32, 512, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning with 2 threads is 10-40x
-    slower than 1 when other jobs hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 64}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,18 @@ from vlmray.distributed import Dist
 from vlmray.models import DualEncoder, build_model
 from vlmray.objectives import ObjectiveMix, ObjectiveSpec
 from vlmray.train.checkpoint import (
-    Progress, find_latest, load_checkpoint, read_config, save_checkpoint,
+    Progress,
+    find_latest,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
 )
 from vlmray.train.optim import build_optimizer, lr_factor, param_groups
 
 S, V, L = 16, 128, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning with 2 threads is 10-40x
-    slower than 1 when other jobs hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int) -> DualEncoder:

@@ -10,7 +10,6 @@ through dotted overrides so the step runs in about a second on CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,14 +38,7 @@ SHRINK_VIT = {"model.vision_kwargs": '{"patch_size": 8, "embed_dim": 32, "depth"
                                      '"num_heads": 2, "mlp_ratio": 2.0}'}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning with 2 threads is 10-40x
-    slower than 1 when other jobs hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(name: str) -> Config:

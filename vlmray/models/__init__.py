@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING
 
 from vlmray.models.dual_encoder import DualEncoder
 from vlmray.models.outputs import Outputs
-from vlmray.models.towers import TextTower, VisionTower, check_text_config, check_vision_name
+from vlmray.models.towers import (
+    TextTower,
+    VisionTower,
+    check_text_config,
+    check_vision_name,
+)
 
 if TYPE_CHECKING:
     from vlmray.config import ModelConfig

@@ -5,7 +5,9 @@
     result = mix(batch, outputs, dist)         # LossResult(loss, metrics)
 """
 
+from vlmray.objectives import contrastive  # noqa: E402,F401  (registers "clip")
 from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.mix import ObjectiveMix
 from vlmray.objectives.registry import (
     OBJECTIVES,
     ObjectiveSpec,
@@ -15,8 +17,6 @@ from vlmray.objectives.registry import (
     validate_spec,
     validate_specs,
 )
-from vlmray.objectives.mix import ObjectiveMix
-from vlmray.objectives import contrastive  # noqa: E402,F401  (registers "clip")
 
 __all__ = [
     "OBJECTIVES",

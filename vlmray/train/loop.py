@@ -22,7 +22,6 @@ from torch import nn
 
 from vlmray.config import Config
 from vlmray.distributed import Dist
-from vlmray.objectives import ObjectiveMix
 from vlmray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from vlmray.train.history import History
 from vlmray.train.state import TrainState, build_state
