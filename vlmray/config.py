@@ -92,6 +92,9 @@ class TrainConfig:
     """Ray Train workers; 0 = one per GPU in the cluster, or 1 on a CPU-only cluster."""
     cpus_per_worker: float = 0.5
     """Logical CPUs each worker reserves (fractional so Ray Data is never starved)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom Ray resources each worker requests (e.g. ``{"trainer_slot": 1}`` to place
+    one worker per node that offers one slot)."""
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """``auto`` uses GPUs when the cluster has them."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -23,7 +23,7 @@ def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ra
         raise ConfigError("train.device='gpu' but the Ray cluster has no GPUs")
     use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpus > 0)
     workers = cfg.num_workers or (gpus if use_gpu else 1)
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker, **cfg.worker_resources}
     if use_gpu:
         resources["GPU"] = 1
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
