@@ -1,15 +1,21 @@
 """Training throughput: the full Ray pipeline against a bare PyTorch loop on the same model.
 
     python benchmarks/train_throughput.py --steps 120 --batch-size 128 --output runs/bench
+    python benchmarks/train_throughput.py --quiet-wait 300     # on a shared machine
 
-Pipeline: ``vlmray.run`` on a private local Ray head (Ray Data ingest -> ``iter_torch_batches``
+Pipeline: ``vlmray.run`` on a private loopback Ray head (Ray Data ingest -> ``iter_torch_batches``
 -> Ray Train ``TorchTrainer`` step), measured from the steady-state ``samples_per_s`` windows of
-the run's ``history.jsonl`` (the first ``--warmup-windows`` windows dropped). Bare: the same
-``build_state`` + ``train_step`` in this process over batches pre-decoded with ``prepare_rows``
-from the same shards, same batch size, objective and torch thread count, timed in the same
-``log_every`` windows; run once before and once after the pipeline (the mean is the reference,
-their spread shows how noisy the machine was). Prints ONE JSON line on stdout; Ray's own output
-goes to ``<output>/run-*/pipeline.log``.
+the run's ``history.jsonl`` (the first ``--warmup-windows`` dropped, median of the rest). Bare: the
+same ``build_state`` + ``train_step`` in this process over batches pre-decoded with
+``prepare_rows`` from the same shards: same batch size, objective and torch thread count (the
+worker's rule), timed in the same ``log_every`` windows. The bare loop runs before and after the
+pipeline with no Ray up (the faster is the reference: other tenants only slow a run down) and
+once more while the pipeline's node is still up but idle. Each phase also records how many cores
+OTHER processes on the machine kept busy (``phases.*.other_tenants_cores``): a ratio measured
+while that is well above 0 is contention, not the pipeline.
+
+Prints ONE JSON line on stdout; Ray's output goes to ``<output>/run-*/pipeline.log`` and the
+per-window numbers to ``<output>/run-*/bench.json``.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read once, when ray is imported
 
 import torch
 
@@ -61,13 +71,14 @@ def worker_threads(cfg: Config, workers_per_node: int = 1) -> int:
 def load_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
     """Every full batch of accepted train rows, decoded exactly as the ingest stage does."""
     samples = list(iter_shards(os.path.join(cfg.data.source, "train")))
-    rows = prepare_rows([s[schema.KEY] for s in samples], [s.get(schema.IMAGE) for s in samples],
-                        [s.get(schema.TEXT) for s in samples], [s.get(schema.META) for s in samples],
+    rows = prepare_rows(*([s.get(col) for s in samples]
+                          for col in (schema.KEY, schema.IMAGE, schema.TEXT, schema.META)),
                         decode_spec(cfg.data), tokenizer_for(cfg.data))
     keep = rows[schema.REJECT_REASON] == ""
     cols = {k: torch.as_tensor(rows[k][keep]) for k in TRAIN_COLUMNS}
     bs = cfg.train.batch_size
-    return [{k: v[i:i + bs] for k, v in cols.items()} for i in range(0, int(keep.sum()) - bs + 1, bs)]
+    starts = range(0, int(keep.sum()) - bs + 1, bs)
+    return [{k: v[i:i + bs] for k, v in cols.items()} for i in starts]
 
 
 def bare_windows(cfg: Config, batches: list[dict[str, torch.Tensor]], threads: int) -> list[float]:
@@ -113,20 +124,91 @@ def _worker_port_range(width: int = 64) -> tuple[int, int]:
     raise RuntimeError("no free worker port range")
 
 
+def _proc_stat(pid: int | str) -> list[str]:
+    """Fields of /proc/<pid>/stat after ``pid (comm)``: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _session_pids(sid: int) -> list[int]:
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _proc_stat(entry)
             if int(fields[3]) == sid and fields[0] != "Z":
                 pids.append(int(entry))
     return pids
 
 
+class SessionCpu:
+    """CPU seconds used by the processes of session ``sid`` (our Ray node), sampled every
+    ``interval`` s by a thread so workers that exit in between are still counted."""
+
+    def __init__(self, sid: int, interval: float = 0.25) -> None:
+        self.sid, self.interval, self.seen = sid, interval, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in _session_pids(self.sid):
+            with contextlib.suppress(OSError):
+                cpu = sum(int(x) for x in _proc_stat(pid)[11:13]) / os.sysconf("SC_CLK_TCK")
+                self.seen[pid] = max(cpu, self.seen.get(pid, 0.0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def total(self) -> float:
+        self._sample()
+        return sum(self.seen.values())
+
+
+def _machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        t = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(t) - t[3] - t[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def wait_for_quiet(max_s: float, threshold: float = 0.2, probe_s: float = 5.0) -> float:
+    """Waits (up to ``max_s``) for a ``probe_s`` spell in which other processes keep fewer than
+    ``threshold`` cores busy; returns the last spell's busy cores. A shared box needs this."""
+    deadline, busy = time.monotonic() + max_s, 0.0
+    while True:
+        b0, own0 = _machine_busy_s(), time.process_time()
+        time.sleep(probe_s)
+        busy = ((_machine_busy_s() - b0) - (time.process_time() - own0)) / probe_s
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
 @contextlib.contextmanager
-def local_head(num_cpus: int, log: Path) -> Iterator[str]:
-    """A loopback-only head (free ports, short temp dir) in its own session; yields its GCS
-    address. On exit SIGTERMs that head and SIGKILLs, by pid, any process of its session left."""
+def cpu_meter(own_cpu_s: Callable[[], float]) -> Iterator[dict[str, float]]:
+    """Times a phase and how many cores OTHER tenants of the machine kept busy meanwhile
+    (machine busy time minus ``own_cpu_s``): contention that slows the phase down."""
+    m: dict[str, float] = {}
+    busy0, own0, t0 = _machine_busy_s(), own_cpu_s(), time.perf_counter()
+    try:
+        yield m
+    finally:
+        m["wall_s"] = time.perf_counter() - t0
+        other = (_machine_busy_s() - busy0) - (own_cpu_s() - own0)
+        m["other_tenants_cores"] = max(0.0, other) / m["wall_s"]
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int, log: Path) -> Iterator[tuple[str, int]]:
+    """A loopback-only head (free ports, short temp dir) in its own session; yields (GCS
+    address, session id). On exit SIGTERMs that head and SIGKILLs, by pid, any process of its
+    session left: nothing else on the machine is touched."""
     temp_dir = tempfile.mkdtemp(prefix="vrb", dir="/tmp")
     gcs, *p = _free_ports(9)
     lo, hi = _worker_port_range()
@@ -146,7 +228,7 @@ def local_head(num_cpus: int, log: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        yield f"127.0.0.1:{gcs}"
+        yield f"127.0.0.1:{gcs}", proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -178,8 +260,11 @@ def _redirect_fds(log: Path) -> Iterator[None]:
         os.close(saved[0]), os.close(saved[1])
 
 
-def run_pipeline(cfg: Config, run_dir: Path) -> tuple[list[dict], float]:
-    """``vlmray.run`` against a private head; returns (history rows, wall seconds)."""
+def run_pipeline(cfg: Config, run_dir: Path, phases: dict[str, dict[str, float]],
+                 while_idle: Callable[[], list[float]]) -> tuple[list[dict], list[float]]:
+    """``vlmray.run`` against a private head; then, with that node still up but idle, calls
+    ``while_idle`` (the bare loop again: what an idle Ray node costs the box). Returns (history
+    rows, the idle-node bare windows); fills ``phases["pipeline" | "idle_ray_node"]``."""
     import ray
 
     import vlmray
@@ -187,16 +272,22 @@ def run_pipeline(cfg: Config, run_dir: Path) -> tuple[list[dict], float]:
 
     run_dir.mkdir(parents=True)
     log = run_dir / "pipeline.log"
-    with local_head(num_cpus=os.cpu_count() or 1, log=log) as address, _redirect_fds(log):
+    with (local_head(num_cpus=os.cpu_count() or 1, log=log) as (address, sid),
+          SessionCpu(sid) as node):
         os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
-        t0 = time.perf_counter()
+
+        def own() -> float:  # this process plus our Ray node
+            return time.process_time() + node.total()
+
         try:
-            vlmray.run(cfg, str(run_dir / "run"))
+            with _redirect_fds(log), cpu_meter(own) as phases["pipeline"]:
+                vlmray.run(cfg, str(run_dir / "run"))
+            with cpu_meter(own) as phases["idle_ray_node"]:
+                idle = while_idle()
         finally:
-            wall = time.perf_counter() - t0
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS")
-    return read_history(str(run_dir / "run")), wall
+    return read_history(str(run_dir / "run")), idle
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -206,32 +297,35 @@ def _steady(values: list[float], warmup: int) -> list[float]:
     return values[warmup:] if len(values) > warmup else values[-1:]
 
 
-def summarise(cfg: Config, args: argparse.Namespace, history: list[dict], pipeline_wall: float,
-              bare: list[list[float]], bare_wall: list[float]) -> dict:
+def summarise(cfg: Config, args: argparse.Namespace, history: list[dict],
+              bare: dict[str, list[float]], phases: dict[str, dict[str, float]]) -> dict:
+    """The reference is the FASTER of the two no-Ray bare runs: other tenants can only slow a
+    run down, so the faster one is nearer the machine's true speed (timeit's rule)."""
     rows = _steady([r for r in history if "samples_per_s" in r], args.warmup_windows)
     pipe = statistics.median(r["samples_per_s"] for r in rows)
-    bare_runs = [statistics.median(_steady(w, args.warmup_windows)) for w in bare]
-    bare_sps = statistics.mean(bare_runs)
-    bs = cfg.train.batch_size
+    runs = {k: statistics.median(_steady(w, args.warmup_windows)) for k, w in bare.items()}
+    ref = max(runs["before"], runs["after"])
+    bs, model = cfg.train.batch_size, cfg.model
     return {
         "benchmark": "train_throughput",
         "config": {"recipe": cfg.recipe, "steps": cfg.train.steps, "batch_size": bs,
                    "log_every": cfg.train.log_every, "warmup_windows": args.warmup_windows,
-                   "model": {"vision": cfg.model.vision, **cfg.model.vision_kwargs,
-                             "text_layers": cfg.model.text.get("num_hidden_layers"),
-                             "embed_dim": cfg.model.embed_dim, "image_size": cfg.data.image_size},
+                   "model": {"vision": model.vision, "vision_kwargs": model.vision_kwargs,
+                             "text_layers": model.text.get("num_hidden_layers"),
+                             "text_width": model.text.get("hidden_size"),
+                             "embed_dim": model.embed_dim, "image_size": cfg.data.image_size},
                    "objectives": [o.name for o in cfg.objectives], "cpus": os.cpu_count()},
         "pipeline": {"samples_per_s": round(pipe, 2), "step_ms": round(1e3 * bs / pipe, 1),
                      "data_wait_frac_median": round(statistics.median(
                          r["data_wait_frac"] for r in rows), 4),
-                     "windows_used": len(rows), "torch_threads": worker_threads(cfg),
-                     "wall_s": round(pipeline_wall, 1)},
-        "bare": {"samples_per_s": round(bare_sps, 2), "step_ms": round(1e3 * bs / bare_sps, 1),
-                 "before_after_samples_per_s": [round(x, 2) for x in bare_runs],
-                 "torch_threads": worker_threads(cfg),
-                 "wall_s": [round(w, 1) for w in bare_wall]},
-        "ratio": round(pipe / bare_sps, 3),
-        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+                     "windows_used": len(rows), "torch_threads": worker_threads(cfg)},
+        "bare": {"samples_per_s": round(ref, 2), "step_ms": round(1e3 * bs / ref, 1),
+                 "samples_per_s_by_run": {k: round(v, 2) for k, v in runs.items()},
+                 "torch_threads": worker_threads(cfg)},
+        "ratio": round(pipe / ref, 3),
+        "ratio_vs_bare_on_idle_ray_node": round(pipe / runs["idle_ray_node"], 3),
+        "phases": {k: {n: round(v, 2) for n, v in m.items()} for k, m in phases.items()},
+        "contended_phases": [k for k, m in phases.items() if m["other_tenants_cores"] > 0.2],
     }
 
 
@@ -247,24 +341,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="train.torch_threads for both loops (0: the worker's default rule)")
     parser.add_argument("--num-train", type=int, default=4000, help="synthetic train rows")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="before each phase wait up to this many seconds for the machine to "
+                             "be quiet (other processes < 0.2 cores); for shared machines")
     args = parser.parse_args(argv)
 
     out = Path(args.output).resolve()
     cfg = build_config(args, str(out / "data"))
     if not (out / "data" / "dataset.json").exists():
         write_synthetic(cfg.data.synthetic, str(out / "data"))
-    batches = load_batches(cfg)
-    threads = worker_threads(cfg)
-    bare, bare_wall = [], []
-    for phase in ("before", "pipeline", "after"):
-        print(f"[bench] {phase} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        if phase == "pipeline":
-            history, pipeline_wall = run_pipeline(cfg, out / f"run-{time.strftime('%Y%m%d-%H%M%S')}")
-            continue
-        bare.append(bare_windows(cfg, batches, threads))
-        bare_wall.append(time.perf_counter() - t0)
-    print(json.dumps(summarise(cfg, args, history, pipeline_wall, bare, bare_wall)), flush=True)
+    batches, threads = load_batches(cfg), worker_threads(cfg)
+    bare: dict[str, list[float]] = {}
+    phases: dict[str, dict[str, float]] = {}
+
+    def quiet() -> None:
+        if args.quiet_wait > 0:
+            print(f"[bench] other load {wait_for_quiet(args.quiet_wait):.2f} cores",
+                  file=sys.stderr, flush=True)
+
+    def bare_run(name: str) -> list[float]:
+        quiet()
+        print(f"[bench] bare loop ({name}) ...", file=sys.stderr, flush=True)
+        bare[name] = bare_windows(cfg, batches, threads)
+        return bare[name]
+
+    with cpu_meter(time.process_time) as phases["before"]:
+        bare_run("before")
+    quiet()
+    print("[bench] pipeline ...", file=sys.stderr, flush=True)
+    run_dir = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    history, _ = run_pipeline(cfg, run_dir, phases, lambda: bare_run("idle_ray_node"))
+    with cpu_meter(time.process_time) as phases["after"]:
+        bare_run("after")
+    result = summarise(cfg, args, history, bare, phases)
+    (run_dir / "bench.json").write_text(json.dumps({**result, "windows": {
+        "pipeline": [r["samples_per_s"] for r in history if "samples_per_s" in r], **bare}}))
+    print(json.dumps(result), flush=True)
     return 0
 
 

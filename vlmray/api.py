@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
     from vlmray.data.ingest import run_ingest
     from vlmray.train.checkpoint import find_latest
-    from vlmray.train.history import read_history
+    from vlmray.train.history import read_events, read_history
     from vlmray.train.report import dedup_by_step, write_json, write_summary
     from vlmray.train.trainer import build_trainer
 
@@ -88,12 +89,14 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     init_ray()
     ingest = run_ingest(cfg.data, train_uri, rejects_uri=join(run_dir, "rejects"))
     print(f"[vlmray] ingest: {ingest.summary()}", flush=True)
-    latest = find_latest(Path(run_dir) / "ray") if resume and "://" not in run_dir else None
+    latest = find_latest(join(run_dir, "ray")) if resume else None
+    launch = uuid.uuid4().hex[:12]
     trainer = build_trainer(cfg, {"train": ingest.train}, run_dir=run_dir, eval_uri=eval_uri,
-                            resume_from=str(latest) if latest else None)
+                            resume_from=str(latest) if latest else None, launch=launch)
     result = trainer.fit()
     rows = dedup_by_step(read_history(run_dir))
     summary = _summarise(rows, ingest.summary(), time.perf_counter() - t0)
+    summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
@@ -116,6 +119,21 @@ def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float
         "wall_s": wall_s,
         **ingest,
     }
+
+
+def _attempts(events: list[dict[str, Any]], rows: list[dict[str, Any]],
+              launch: str) -> dict[str, Any]:
+    """This launch's worker-group starts (and any injected faults), from ``events.jsonl``:
+    ``restarts`` (starts after the first) and ``attempts``, each start with the step and time
+    of the first history row it logged (``first_step``, ``first_step_time``)."""
+    first = next((i for i, e in enumerate(events) if e.get("launch") == launch), len(events))
+    attempts = [dict(e) for e in events[first:]]
+    for start in (e for e in attempts if e["event"] == "start"):
+        after = [r for r in rows if r.get("time", 0.0) >= start["time"]]
+        if after:
+            start.update(first_step=after[0]["step"], first_step_time=after[0]["time"])
+    starts = sum(e["event"] == "start" for e in attempts)
+    return {"restarts": max(0, starts - 1), "attempts": attempts}
 
 
 __all__ = ["RunResult", "init_ray", "resolve_data", "run"]

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmray.data.storage import filesystem, is_remote, join, to_uri
+
 STATE = "state.pt"
 CONFIG = "config.json"
 PROGRESS = "progress.json"
@@ -53,16 +55,25 @@ def read_config(path: str | Path) -> dict:
     return json.loads((Path(path) / CONFIG).read_text())
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint directory under ``root`` with the most steps, or None."""
+def find_latest(root: str | Path) -> Path | str | None:
+    """The checkpoint directory under ``root`` (itself included) with the most steps, or None.
+
+    ``root`` is a local path or a URI (``s3://bucket/run/ray``); a directory counts once both its
+    ``progress.json`` and ``state.pt`` exist. Returns a ``Path`` for a local root (absolute) and
+    a URI string for a remote one.
+    """
+    fs, base = filesystem(str(root))
     best, best_step = None, -1
-    for marker in Path(root).rglob(PROGRESS):
-        if not (marker.parent / STATE).is_file():
+    for marker in sorted(set(fs.glob(join(base, "**", PROGRESS)))):
+        parent = marker.rsplit("/", 1)[0]
+        if not fs.isfile(join(parent, STATE)):
             continue
-        step = json.loads(marker.read_text())["step"]
+        step = json.loads(fs.cat_file(marker))["step"]
         if step > best_step:
-            best, best_step = marker.parent, step
-    return best
+            best, best_step = parent, step
+    if best is None:
+        return None
+    return to_uri(fs, best) if is_remote(str(root)) else Path(best)
 
 
 __all__ = ["Progress", "find_latest", "load_checkpoint", "read_config", "save_checkpoint"]

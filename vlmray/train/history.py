@@ -1,26 +1,66 @@
-"""Per-step metrics written by the main worker to ``<run_dir>/history.jsonl`` (local or s3://).
+"""Per-step metrics written by the main worker to ``<run_dir>/history.jsonl`` (local or s3://),
+and the run's attempts in ``<run_dir>/events.jsonl``.
 
 The whole file is rewritten on each log (it is small), so object stores work too; after a
-restore, entries past the restored step are dropped so no step is counted twice.
+restore, entries past the restored step are dropped so no step is counted twice. Each row
+carries ``time`` (Unix seconds when it was logged).
+
+``events.jsonl`` gets one row per worker-group start (``event="start"``, the step it restored
+to, and from where) and per injected fault (``event="fault"``), so a driver can count restarts
+and time recoveries.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from typing import Any
 
-from vlmray.data.storage import filesystem, join, open_write
+from vlmray.data.storage import filesystem, is_remote, join, open_write
 
 HISTORY = "history.jsonl"
+EVENTS = "events.jsonl"
 
 
-def read_history(run_dir: str) -> list[dict[str, Any]]:
-    fs, path = filesystem(join(run_dir, HISTORY))
+def _read_jsonl(uri: str) -> list[dict[str, Any]]:
+    fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
     with fs.open(path, "r") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(uri: str, rows: list[dict[str, Any]]) -> None:
+    """Replaces ``uri`` with ``rows``: an object store's PUT is atomic; a local file is written
+    beside and renamed over, so a worker killed mid-write never leaves a torn file behind."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if is_remote(uri):
+        with open_write(uri) as f:
+            f.write(text)
+        return
+    path = filesystem(uri)[1]
+    with open_write(f"{path}.tmp") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    return _read_jsonl(join(run_dir, HISTORY))
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    """The rows of ``events.jsonl`` in the order they were logged ([] when there is none)."""
+    return _read_jsonl(join(run_dir, EVENTS))
+
+
+def log_event(run_dir: str, event: str, **fields: Any) -> dict[str, Any]:
+    """Appends ``{"event": event, "time": now, **fields}`` to ``events.jsonl`` (rewriting it, so
+    object stores work); call from the main worker only. Returns the row."""
+    row = {"event": event, "time": time.time(), **fields}
+    _write_jsonl(join(run_dir, EVENTS), [*read_events(run_dir), row])
+    return row
 
 
 class History:
@@ -33,10 +73,10 @@ class History:
             return
         row = {k: v for k, v in metrics.items()
                if isinstance(v, (int, float)) and math.isfinite(v)}
+        row.setdefault("time", time.time())
         self.rows.append(row)
         _print_progress(row)
-        with open_write(join(self.run_dir, HISTORY)) as f:
-            f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+        _write_jsonl(join(self.run_dir, HISTORY), self.rows)
 
 
 def _print_progress(row: dict[str, Any]) -> None:
@@ -45,4 +85,4 @@ def _print_progress(row: dict[str, Any]) -> None:
     print(f"[vlmray] step {row.get('step')} epoch {row.get('epoch')} {shown}", flush=True)
 
 
-__all__ = ["HISTORY", "History", "read_history"]
+__all__ = ["EVENTS", "HISTORY", "History", "log_event", "read_events", "read_history"]

@@ -8,6 +8,7 @@ The model is written for one device; ``ray.train.torch.prepare_model`` applies D
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,10 +22,20 @@ import torch
 from torch import nn
 
 from vlmray.config import Config
+from vlmray.data.storage import arrow_filesystem, is_remote, join
 from vlmray.distributed import Dist
-from vlmray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
-from vlmray.train.history import History
+from vlmray.train.checkpoint import (
+    PROGRESS,
+    Progress,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from vlmray.train.history import History, log_event, read_events
 from vlmray.train.state import TrainState, build_state
+
+FAULT_AT_STEP_ENV = "VLMRAY_FAULT_AT_STEP"
+"""Test-only: the step after which rank 0 kills its own process once (see _maybe_inject_fault)."""
 
 
 def _set_threads(cfg: Config) -> None:
@@ -84,26 +95,70 @@ def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dis
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(state: TrainState, resume_from: str | None) -> None:
-    """Restores from this run's last reported checkpoint (after a worker failure), else from the
-    checkpoint directory a ``--resume`` named, else starts fresh."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and resume_from:
-        ckpt = ray.train.Checkpoint.from_directory(resume_from)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
-                                             scheduler=state.scheduler)
+def _checkpoint_at(uri: str) -> ray.train.Checkpoint:
+    """A Ray ``Checkpoint`` for a checkpoint directory: a local path or an ``s3://`` URI (read
+    through :func:`vlmray.data.storage.arrow_filesystem`, so the AWS environment applies)."""
+    if not is_remote(uri):
+        return ray.train.Checkpoint.from_directory(uri)
+    fs, path = arrow_filesystem(uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+def _checkpoint_step(ckpt: ray.train.Checkpoint) -> int:
+    """The step a checkpoint was saved at (its ``progress.json``, read without downloading)."""
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{PROGRESS}") as f:
+        return int(json.loads(f.read())["step"])
+
+
+def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
+    """Restores the newest (by step) of: Ray Train's latest checkpoint of this run (after a
+    worker-group restart, or on a re-run of the same run directory), the checkpoint directory
+    ``--resume`` named, and the newest complete one on this run's storage (Ray's record lags
+    behind storage when a worker or the driver dies soon after reporting one). A tie keeps the
+    earlier in that order. Returns ``"ray"``, ``"resume"``, ``"storage"`` or ``"fresh"``."""
+    found = [(ray.train.get_checkpoint(), "ray")]
+    if resume_from:
+        found.append((_checkpoint_at(resume_from), "resume"))
+    if on_storage := find_latest(join(run_dir, "ray")):
+        found.append((_checkpoint_at(str(on_storage)), "storage"))
+    found = [(ckpt, source) for ckpt, source in found if ckpt is not None]
+    if not found:
+        return "fresh"
+    ckpt, source = max(found, key=lambda cs: _checkpoint_step(cs[0]))
+    with ckpt.as_directory() as d:
+        state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
+                                         scheduler=state.scheduler)
+    return source
+
+
+def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:
+    """Test-only fault injection. With ``VLMRAY_FAULT_AT_STEP=N`` in the workers' environment,
+    rank 0 dies abruptly (``os._exit(1)``, like a crashed or OOM-killed worker) right after
+    logging and reporting step N (a logged step), once per run directory: it first logs a
+    ``"fault"`` event to ``events.jsonl``, and a later attempt that finds one trains on.
+    Unset: does nothing."""
+    at = os.environ.get(FAULT_AT_STEP_ENV, "")
+    if not at or step != int(at) or not dist.is_main:
+        return
+    if any(e["event"] == "fault" for e in read_events(run_dir)):
+        return
+    log_event(run_dir, "fault", step=step)
+    os._exit(1)
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str}``."""
+    """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str,
+    "eval_uri": str, "resume_from": str | None, "launch": str}`` (``launch`` tags this driver
+    run's ``"start"`` events)."""
     cfg = Config.from_dict(config["cfg"])
     _set_threads(cfg)
     device = ray.train.torch.get_device()
     dist = Dist.from_env(device=device)
     state = build_state(cfg, device=device, wrap=ray.train.torch.prepare_model)
-    _restore(state, config.get("resume_from"))
+    source = _restore(state, config.get("resume_from"), config["run_dir"])
+    if dist.is_main:
+        log_event(config["run_dir"], "start", step=state.progress.step, source=source,
+                  launch=config.get("launch", ""))
     history = History(config["run_dir"], enabled=dist.is_main, resume_step=state.progress.step)
     evaluator = state.evaluator(config["eval_uri"]) if dist.is_main else None
     shard = ray.train.get_dataset_shard("train")
@@ -131,10 +186,11 @@ def train_fn_per_worker(config: dict) -> None:
                 _checkpoint_and_report(state, metrics, config["cfg"], dist)
             else:
                 ray.train.report(metrics)
+            _maybe_inject_fault(p.step, config["run_dir"], dist)
             t_last, wait, steps_in_window = time.perf_counter(), 0.0, 0
         if done:
             break
         t_fetch = time.perf_counter()
 
 
-__all__ = ["train_fn_per_worker", "train_step"]
+__all__ = ["FAULT_AT_STEP_ENV", "train_fn_per_worker", "train_step"]

@@ -31,7 +31,9 @@ def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ra
 
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_uri: str,
-                  resume_from: str | None = None) -> TorchTrainer:
+                  resume_from: str | None = None, launch: str = "") -> TorchTrainer:
+    """The run's ``TorchTrainer``: ``resume_from`` is a checkpoint directory (path or URI) to
+    start from when Ray Train has none of its own; ``launch`` tags this driver run's events."""
     scaling = scaling_for(cfg.train)
     if cfg.train.batch_size % scaling.num_workers:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
@@ -45,7 +47,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri,
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "launch": launch},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
     )
