@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -22,3 +23,4 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

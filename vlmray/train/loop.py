@@ -160,6 +160,8 @@ def train_fn_per_worker(config: dict) -> None:
         log_event(config["run_dir"], "start", step=state.progress.step, source=source,
                   launch=config.get("launch", ""))
     history = History(config["run_dir"], enabled=dist.is_main, resume_step=state.progress.step)
+    if state.progress.step >= cfg.train.steps:
+        return  # restored from a checkpoint that already reached train.steps
     evaluator = state.evaluator(config["eval_uri"]) if dist.is_main else None
     shard = ray.train.get_dataset_shard("train")
     local_bs = cfg.train.batch_size // dist.world_size
