@@ -49,6 +49,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     elif not is_remote(uri):
         uri = os.path.abspath(uri.split("://", 1)[-1])
     fs, path = fsspec.core.url_to_fs(uri)
+    if is_remote(uri):
+        # fsspec caches one instance per settings, with its directory listings; other processes
+        # (Ray workers) write under the same prefixes, so a cached listing can be stale.
+        fs.invalidate_cache()
     return fs, path
 
 
