@@ -209,9 +209,9 @@ def local_head(num_cpus: int, log: Path) -> Iterator[tuple[str, int]]:
     """A loopback-only head (free ports, short temp dir) in its own session; yields (GCS
     address, session id). On exit SIGTERMs that head and SIGKILLs, by pid, any process of its
     session left: nothing else on the machine is touched."""
-    temp_dir = tempfile.mkdtemp(prefix="vrb", dir="/tmp")
     gcs, *p = _free_ports(9)
     lo, hi = _worker_port_range()
+    temp_dir = tempfile.mkdtemp(prefix="vrb", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_TMPDIR": temp_dir, "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -224,9 +224,13 @@ def local_head(num_cpus: int, log: Path) -> Iterator[tuple[str, int]]:
            f"--metrics-export-port={p[4]}", f"--object-manager-port={p[5]}",
            f"--node-manager-port={p[6]}", f"--ray-client-server-port={p[7]}",
            f"--min-worker-port={lo}", f"--max-worker-port={hi}", "--disable-usage-stats"]
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    try:
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    except BaseException:
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+        raise
     try:
         yield f"127.0.0.1:{gcs}", proc.pid
     finally:

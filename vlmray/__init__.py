@@ -11,7 +11,12 @@ Attributes load lazily, so ``import vlmray.data...`` stays light (no torch, no R
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Ray reads this once, when it is first imported: without it, a loopback RAY_ADDRESS
+# (127.0.0.1) is rewritten to the machine's IP, where a loopback-only head does not listen.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _EXPORTS = {
     "Config": "vlmray.config", "ConfigError": "vlmray.config", "apply_overrides": "vlmray.config",

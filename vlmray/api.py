@@ -38,7 +38,6 @@ def init_ray() -> None:
     ctx.print_on_execution_start = False
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)

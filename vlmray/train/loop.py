@@ -44,7 +44,7 @@ def _set_threads(cfg: Config) -> None:
     n = cfg.train.torch_threads
     if n <= 0:
         local = max(1, ray.train.get_context().get_local_world_size())
-        n = max(1, (os.cpu_count() or 1) // local)
+        n = max(1, len(os.sched_getaffinity(0)) // local)  # cores this process may use
     torch.set_num_threads(n)
 
 

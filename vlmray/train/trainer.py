@@ -42,6 +42,8 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
         name="train", storage_path=str(Path(run_dir).resolve() / "ray") if "://" not in run_dir
         else f"{run_dir}/ray",
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        # Ray Train's patched print writes each worker line twice (stdout and its logger).
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
     )
     return TorchTrainer(
