@@ -35,6 +35,14 @@ from PIL import Image, ImageDraw
 from vlmray.data.schema import BOXES, IMAGE, KEY, LABEL, META, PHRASES, TEXT
 from vlmray.data.shards import CLASSES_FILE, write_shard
 from vlmray.data.storage import ensure_parent, filesystem, join
+from vlmray.data.synthetic_text import (
+    CLASSNAMES,
+    COLOURS,
+    SHAPES,
+    caption,
+    junk_alt_text,
+    stuffed,
+)
 
 __all__ = [
     "SyntheticConfig", "SHAPES", "COLOURS", "CLASSNAMES", "TEMPLATES", "NOISE_KINDS", "SPLITS",
@@ -42,9 +50,6 @@ __all__ = [
     "CLASSNAME", "COUNT", "SIZE", "NOISE", "SOURCE_KEY", "SHARD",
 ]
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple")
-CLASSNAMES = [f"{c} {s}" for s in SHAPES for c in COLOURS]   # label = shape * 5 + colour
 TEMPLATES = [
     "a photo of a {}.",
     "a picture of {}s.",
@@ -239,78 +244,6 @@ def _jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-# --- captions ----------------------------------------------------------------------------------
-
-_COUNT_WORDS = {1: ("a", "one", "1", "a single"), 2: ("two", "2", "a pair of"),
-                3: ("three", "3")}
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_POSITIONS = {
-    "left": ("on the left", "on the left side", "at the left of the picture"),
-    "right": ("on the right", "on the right side", "at the right of the image"),
-    "top": ("near the top", "at the top", "in the upper part of the picture"),
-    "bottom": ("near the bottom", "at the bottom", "in the lower part of the image"),
-    "centre": ("in the centre", "in the middle", "in the centre of the picture"),
-    "anywhere": ("",),
-}
-_CAPTIONS = (
-    "{n} {adj} {noun} {pos}",
-    "a photo of {n} {adj} {noun} {pos}",
-    "{n} {adj} {noun}",
-    "an image showing {n} {adj} {noun} {pos}",
-    "there {be} {n} {adj} {noun} {pos}",
-    "picture of {n} {adj} {noun} {pos} on a plain background",
-)
-_JUNK = ("IMG_{:04d}.jpg", "DSC{:05d}.JPG", "click here", "image", "thumbnail", "download now",
-         "untitled", "photo", "{:08x}.png", "Screenshot {:04d}", "no description available")
-_STUFFING = ("free", "hd", "wallpaper", "download", "best", "cheap", "stock photo", "vector",
-             "clipart", "png", "high quality", "buy now", "sale", "4k", "icon", "logo")
-
-
-def _plural(noun: str, n: int) -> str:
-    if n == 1:
-        return noun
-    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
-
-
-def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
-    return options[int(rng.integers(len(options)))]
-
-
-def _caption(scene: _Scene, rng: np.random.Generator) -> str:
-    """A varied, grammatical caption naming count, (size), colour, shape and (position)."""
-    count = len(scene.objects)
-    n = _pick(rng, _COUNT_WORDS[count])
-    adj = COLOURS[scene.colour]
-    if rng.random() < 0.7:
-        adj = f"{_pick(rng, _SIZE_WORDS[scene.size])} {adj}"
-    if n == "a" and adj[0] in "aeiou":
-        n = "an"
-    pos = _pick(rng, _POSITIONS[scene.region]) if rng.random() < 0.8 else ""
-    text = _pick(rng, _CAPTIONS).format(
-        n=n, adj=adj, noun=_plural(SHAPES[scene.shape], count), pos=pos,
-        be="is" if count == 1 else "are")
-    text = " ".join(text.split())
-    if rng.random() < 0.3:
-        text = text[0].upper() + text[1:]
-    return text + ("." if rng.random() < 0.3 else "")
-
-
-def _junk(rng: np.random.Generator) -> str:
-    """Alt-text junk such as ``IMG_4821.jpg`` or ``click here``."""
-    return _pick(rng, _JUNK).format(int(rng.integers(0, 100000)))
-
-
-def _stuffed(caption: str, scene: _Scene, rng: np.random.Generator, min_chars: int) -> str:
-    """The caption followed by keyword stuffing until it exceeds ``min_chars`` characters."""
-    words = list(_STUFFING) + [COLOURS[scene.colour], SHAPES[scene.shape], CLASSNAMES[scene.label]]
-    target = min_chars + int(rng.integers(1, 500))
-    parts, length = [caption], len(caption)
-    while length <= target:
-        parts.append(_pick(rng, words))
-        length += len(parts[-1]) + 1
-    return " ".join(parts)
-
-
 # --- samples -----------------------------------------------------------------------------------
 
 def sample_key(split: str, index: int) -> str:
@@ -391,15 +324,15 @@ def make_sample(
     else:
         scene, pixels = _clean(cfg, split, index)
         image, boxes = _jpeg(pixels), _boxes(scene)
-    text = _caption(scene, rng)
+    text = caption(scene, rng)
     if kind == "mismatch":
-        text = _caption(_other_scene(cfg, split, index, scene, rng), rng)
+        text = caption(_other_scene(cfg, split, index, scene, rng), rng)
     elif kind == "junk":
-        text = _junk(rng)
+        text = junk_alt_text(rng)
     elif kind == "corrupt":
         image = _corrupt(image, rng)
     elif kind == "overlong":
-        text = _stuffed(text, scene, rng, cfg.overlong_chars)
+        text = stuffed(text, scene, rng, cfg.overlong_chars)
     classname = CLASSNAMES[scene.label]
     meta = {LABEL: scene.label, CLASSNAME: classname, BOXES: boxes,
             PHRASES: [classname] * len(boxes), COUNT: len(scene.objects), SIZE: scene.size,
