@@ -55,8 +55,12 @@ def resolve_data(cfg: Config, run_dir: str) -> tuple[str, str]:
         if not fs.exists(p):
             write_synthetic(cfg.data.synthetic, root)
         return join(root, "train"), cfg.data.eval_source or join(root, "eval")
-    fs, p = filesystem(join(cfg.data.source, "train"))
-    train = join(cfg.data.source, "train") if fs.isdir(p) else cfg.data.source
+    train = cfg.data.source
+    for sub in ("train", "shards"):          # a dataset root, or a curation job's output
+        fs, p = filesystem(join(cfg.data.source, sub))
+        if fs.isdir(p):
+            train = join(cfg.data.source, sub)
+            break
     default_eval = join(cfg.data.source, "eval")
     fs, p = filesystem(default_eval)
     return train, cfg.data.eval_source or (default_eval if fs.isdir(p) else "")

@@ -45,6 +45,26 @@ def _docs_for(cfg: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def add_field_flags(group: Any, defaults: Any, *, skip: tuple[str, ...] = (),
+                    show_defaults: bool = False) -> None:
+    """One ``--dotted.name`` flag per field of a config dataclass, documented from its field
+    docstring (plus the default's value when asked); unset flags stay out of the namespace."""
+    for name, doc in _docs_for(defaults).items():
+        if name in skip:
+            continue
+        if show_defaults:
+            value = getattr(_walk(defaults, name), name.rsplit(".", 1)[-1])
+            doc = f"{doc} (default: {value!r})"
+        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V",
+                           help=doc.replace("%", "%%"))
+
+
+def _walk(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split(".")[:-1]:
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,11 +75,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output from its latest checkpoint")
     group = parser.add_argument_group("config fields (dotted overrides; defaults from the recipe)")
-    defaults = Config()
-    for name, doc in _docs_for(defaults).items():
-        if name in ("recipe", "objectives"):
-            continue
-        group.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=doc)
+    add_field_flags(group, Config(), skip=("recipe", "objectives"))
     group.add_argument("--objectives", dest="objectives", default=argparse.SUPPRESS, metavar="V",
                        help="objectives with weights: 'clip' or 'clip:1,siglip:0.5' or a JSON list")
     return parser
@@ -89,4 +105,4 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-__all__ = ["build_parser", "field_docs", "parse_config"]
+__all__ = ["add_field_flags", "build_parser", "field_docs", "parse_config"]

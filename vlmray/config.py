@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vlmray.data.curation.config import CurationConfig
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.objectives.registry import ObjectiveSpec
 
@@ -24,8 +25,9 @@ from vlmray.objectives.registry import ObjectiveSpec
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "builtin"
-    """Dataset root (local path or s3:// URI) holding ``train/*.tar`` (and ``eval/``), or a
-    directory of shards. ``builtin`` generates the synthetic noisy dataset into the run dir."""
+    """Dataset root (local path or s3:// URI) holding ``train/*.tar`` (and ``eval/``), a
+    curation job's output (``shards/``, webdataset or parquet), or a directory of shards.
+    ``builtin`` generates the synthetic noisy dataset into the run dir."""
     eval_source: str = ""
     """Held-out split (a directory of shards with ``classes.json``); default ``<source>/eval``."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -44,6 +46,11 @@ class DataConfig:
     """Vocabulary size of the ``hash`` tokenizer."""
     shuffle_buffer: int = 2048
     """Rows in each worker's local shuffle buffer (0 turns shuffling off)."""
+    curate: bool = False
+    """Run the curation stages (text, image, [score], dedup; settings below) as a streaming
+    prefix of training: no curated copy is written, rejects land in ``<run>/rejects``."""
+    curation: CurationConfig = field(default_factory=CurationConfig)
+    """Curation stage settings used when ``curate`` is on (as ``jobs/curate.py``'s)."""
 
 
 @dataclass(kw_only=True)
@@ -216,9 +223,10 @@ def parse_objectives(text: str) -> list[ObjectiveSpec]:
     return specs
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, str | Any]) -> Config:
-    """Returns a copy of ``cfg`` with dotted fields replaced; unknown names raise."""
-    cfg = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+def apply_overrides(cfg: Any, overrides: dict[str, str | Any]) -> Any:
+    """Returns a copy of ``cfg`` (any config dataclass) with dotted fields replaced; unknown
+    names raise, listing the valid ones."""
+    cfg = _from_dict(type(cfg), json.loads(json.dumps(dataclasses.asdict(cfg))))
     paths = field_paths(cfg)
     for name, value in overrides.items():
         if name not in paths:

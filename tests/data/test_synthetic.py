@@ -131,8 +131,11 @@ def test_corrupt_images_fail_to_decode_and_others_decode(train):
             with Image.open(io.BytesIO(row[IMAGE])) as im:
                 im.load()
     for row in train:
-        if row["m"]["noise"] != "corrupt":
+        if row["m"]["noise"] not in ("corrupt", "near_dup"):
             assert _decode(row[IMAGE]).shape == (CFG.image_size, CFG.image_size, 3)
+        elif row["m"]["noise"] == "near_dup":   # a rescaled web copy: 75-95% of the side
+            h, w, _ = _decode(row[IMAGE]).shape
+            assert h == w and 0.74 * CFG.image_size <= h < CFG.image_size
 
 
 def test_clean_captions_describe_the_image(train):
@@ -252,3 +255,22 @@ def test_cli_rejects_bad_fraction(tmp_path):
     with pytest.raises(SystemExit, match="junk_frac"):
         main(["--output", str(tmp_path), "--junk-frac", "2"])
     assert not any(tmp_path.iterdir())
+
+
+def test_perceptual_hashes_find_near_dups_and_separate_distinct_images(train):
+    """The property curation's near-duplicate rule relies on: a web-style copy stays within a
+    few bits of its source, while distinct images (each with its own backdrop) do not."""
+    from vlmray.data.curation.hashing import hamming, phash
+
+    def h(data: bytes) -> int:
+        with Image.open(io.BytesIO(data)) as im:
+            return phash(im.convert("RGB"))
+
+    by_key = {r[KEY]: r for r in train}
+    dups = [r for r in train if r["m"]["noise"] == "near_dup"]
+    close = [int(hamming(h(r[IMAGE]), h(by_key[r["m"]["source_key"]][IMAGE]))) <= 4 for r in dups]
+    assert dups and sum(close) >= 0.9 * len(dups)
+    clean = np.array([h(r[IMAGE]) for r in train if r["m"]["noise"] in ("", "mismatch")])
+    d = hamming(clean[:, None], clean[None, :])
+    np.fill_diagonal(d, 64)
+    assert (d.min(axis=1) <= 4).mean() < 0.02

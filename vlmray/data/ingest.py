@@ -1,7 +1,10 @@
-"""Ingest on Ray Data: read webdataset shards -> decode + validate + tokenise -> train rows.
+"""Ingest on Ray Data: read shards (webdataset or parquet, local or s3://) -> [curation stages]
+-> decode + validate + tokenise -> train rows.
 
 Every row is accounted for: ``rows_in == rows_accepted + rows_rejected``; rejected rows are
-written to ``rejects/`` (key, text, reason) and counted by reason.
+written to ``rejects/`` (key, text, stage, reason) and counted by reason. With
+``data.curate`` on, the curation job's stages (text, image, [score], dedup) run as a streaming
+prefix of training: the same stages, no curated copy written.
 
     ds = build_ingest(cfg.data, "s3://bucket/ds/train")     # lazy Ray Data plan
     result = run_ingest(cfg.data, "runs/x/data/train", rejects_uri="runs/x/rejects")
@@ -18,7 +21,6 @@ import numpy as np
 
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
-from vlmray.data.shards import list_shards
 from vlmray.data.storage import arrow_filesystem
 from vlmray.data.tokenize import Tokenizer, build_tokenizer
 
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
     from vlmray.config import DataConfig
 
-_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 TRAIN_COLUMNS = [schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL]
 
 
@@ -46,8 +47,14 @@ def decode_spec(cfg: DataConfig) -> DecodeSpec:
                       max_text_chars=cfg.max_text_chars)
 
 
+DECODE_STAGE = "decode"
+_PASS_THROUGH = (schema.ROW_ID, schema.SHA256, schema.PHASH, schema.TEXT_SIG, schema.CLIP_SCORE,
+                 schema.DUPLICATE_OF)
+
+
 class DecodeStage:
-    """Ray Data batch function: webdataset columns -> decoded, tokenised, with reject reasons.
+    """Ray Data batch function: raw rows (KEY, IMAGE, TEXT, META) -> decoded, tokenised, with
+    reject reasons. Rows an earlier curation stage rejected keep their reason and stage.
 
     Holds only light, picklable settings (no torch), so Ray Data workers start fast.
     """
@@ -57,31 +64,39 @@ class DecodeStage:
         self.tokenizer_args = (cfg.tokenizer, cfg.vocab_size, cfg.context_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch["__key__"]
-        n = len(keys)
-        image_col = next((c for c in _IMAGE_SUFFIXES if c in batch), None)
-        images = batch[image_col] if image_col else [None] * n
-        texts = batch["txt"] if "txt" in batch else [None] * n
-        metas = batch["json"] if "json" in batch else [None] * n
-        return prepare_rows(keys, images, texts, metas, self.spec,
-                            cached_tokenizer(*self.tokenizer_args))
+        keys = batch[schema.KEY]
+        none = [None] * len(keys)
+        out = prepare_rows(keys, batch.get(schema.IMAGE, none), batch.get(schema.TEXT, none),
+                           batch.get(schema.META, none), self.spec,
+                           cached_tokenizer(*self.tokenizer_args))
+        reason = out[schema.REJECT_REASON]
+        stage = np.where(reason != "", DECODE_STAGE, "").astype(object)
+        prior = batch.get(schema.REJECT_REASON)
+        if prior is not None:
+            earlier = prior != ""
+            reason[earlier] = prior[earlier]
+            stage[earlier] = batch[schema.REJECT_STAGE][earlier]
+        out[schema.REJECT_STAGE] = stage
+        out.update({c: batch[c] for c in _PASS_THROUGH if c in batch})
+        return out
 
 
 def read_shards(uri: str) -> ray.data.Dataset:
-    """Raw webdataset rows (undecoded bytes) from a shard directory or file, local or s3://."""
-    import ray.data
+    """Raw rows (undecoded bytes, with ``ROW_ID``) from shard files, local or s3://."""
+    from vlmray.data.curation.readers import ReadConfig, read_inputs
 
-    paths = list_shards(uri)
-    if not paths:
-        raise FileNotFoundError(f"no .tar shards under {uri!r}")
-    fs, _ = arrow_filesystem(uri)
-    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
+    return read_inputs(uri, ReadConfig())
 
 
 def build_ingest(cfg: DataConfig, uri: str) -> ray.data.Dataset:
-    """Lazy plan: read -> decode/validate/tokenise. Rows carry REJECT_REASON ("" = kept)."""
-    stage = DecodeStage(cfg)
-    return read_shards(uri).map_batches(stage, batch_format="numpy", batch_size=256)
+    """Lazy plan: read -> [curation stages] -> decode/validate/tokenise. Rows carry
+    REJECT_REASON ("" = kept) and REJECT_STAGE."""
+    rows = read_shards(uri)
+    if cfg.curate:
+        from vlmray.data.curation.plan import apply_row_stages, row_stages
+
+        rows = apply_row_stages(rows, row_stages(cfg.curation))
+    return rows.map_batches(DecodeStage(cfg), batch_format="numpy", batch_size=256)
 
 
 def _select(batch: dict[str, np.ndarray], *, rejected: bool) -> dict[str, np.ndarray]:
@@ -112,6 +127,10 @@ class IngestResult:
 def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> IngestResult:
     """Executes the ingest plan once, writes rejects, and returns the accepted train rows."""
     full = build_ingest(cfg, uri).materialize()
+    if cfg.curate:
+        from vlmray.data.curation.plan import apply_global, global_stages
+
+        full = apply_global(full, global_stages(cfg.curation)).materialize()
     rows_in = full.count()
     reasons: dict[str, int] = {}
     for row in full.map_batches(_count_reasons, batch_format="numpy").take_all():
@@ -120,7 +139,7 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> 
     if rejects_uri and rejected:
         fs, path = arrow_filesystem(rejects_uri)
         (full.map_batches(functools.partial(_select, rejected=True), batch_format="numpy")
-             .select_columns([schema.KEY, schema.TEXT, schema.REJECT_REASON])
+             .select_columns([schema.KEY, schema.TEXT, schema.REJECT_STAGE, schema.REJECT_REASON])
              .write_parquet(path, filesystem=fs))
     train = (full.map_batches(functools.partial(_select, rejected=False), batch_format="numpy")
                  .select_columns(TRAIN_COLUMNS).materialize())

@@ -24,13 +24,29 @@ PIXELS = "pixels"                  # uint8 (3, H, W): decoded, resized image
 TOKENS = "tokens"                  # int64 (L,): token ids, padded
 TOKEN_MASK = "token_mask"          # int64 (L,): 1 for real tokens, 0 for padding
 
+# --- curation: provenance, signals, accounting ---------------------------------------------
+URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
+SOURCE = "source"                  # str: the input file a row was read from
+ROW_ID = "row_id"                  # int64: (input file index << 32) | row index; input order
+WIDTH = "width"                    # int: image width after orientation fix, before re-encode
+HEIGHT = "height"                  # int: image height after orientation fix, before re-encode
+SHA256 = "sha256"                  # str: hex digest of the original image bytes (exact dedup)
+PHASH = "phash"                    # int64: 64-bit perceptual (DCT) hash of the image
+TEXT_SIG = "text_sig"              # str: normalised-caption signature (caption dedup)
+CLIP_SCORE = "clip_score"          # float: image-text agreement (cosine) from a scoring model
+REPAIRS = "repairs"                # str: ";"-joined repairs applied (e.g. "exif_rotated")
+DUPLICATE_OF = "duplicate_of"      # str: key of the row a duplicate was judged a copy of
+
 # --- accounting -------------------------------------------------------------------------------
 REJECT_REASON = "reject_reason"    # str: "" for accepted rows, else why the row was dropped
+REJECT_STAGE = "reject_stage"      # str: name of the stage that rejected the row ("" if kept)
 
 # Webdataset member suffixes for the raw columns.
 WDS_SUFFIX = {IMAGE: "jpg", TEXT: "txt", META: "json"}
 
 __all__ = [
     "KEY", "IMAGE", "TEXT", "META", "TEXTS_AUG", "SYNTHETIC_CAPTION", "LABEL", "BOXES",
-    "PHRASES", "NEIGHBOURS", "PIXELS", "TOKENS", "TOKEN_MASK", "REJECT_REASON", "WDS_SUFFIX",
+    "PHRASES", "NEIGHBOURS", "PIXELS", "TOKENS", "TOKEN_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
+    "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
+    "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

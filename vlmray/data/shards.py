@@ -28,7 +28,8 @@ __all__ = [
 
 CLASSES_FILE = "classes.json"
 _FIELDS = (IMAGE, TEXT, META)                       # member order within a key
-_BY_SUFFIX = {suffix: col for col, suffix in WDS_SUFFIX.items()}
+_BY_SUFFIX = {suffix: col for col, suffix in WDS_SUFFIX.items()} | {"png": IMAGE, "webp": IMAGE,
+                                                                   "jpeg": IMAGE}
 _GLOB_CHARS = "*?["
 
 
@@ -45,12 +46,15 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def encode_shard(samples: Iterable[Mapping[str, Any]]) -> tuple[bytes, int]:
+def encode_shard(samples: Iterable[Mapping[str, Any]],
+                 image_suffix: str = WDS_SUFFIX[IMAGE]) -> tuple[bytes, int]:
     """Encode samples as tar bytes; returns ``(tar_bytes, num_samples)``.
 
     Each sample needs ``KEY`` (str without ``.`` or ``/``); ``IMAGE`` (bytes), ``TEXT`` (str)
-    and ``META`` (str JSON) are written when present and not None.
+    and ``META`` (str JSON) are written when present and not None. ``image_suffix`` names the
+    image member (``jpg``, ``png``, ``webp``).
     """
+    suffixes = {**WDS_SUFFIX, IMAGE: image_suffix}
     buf, count = io.BytesIO(), 0
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for sample in samples:
@@ -59,7 +63,7 @@ def encode_shard(samples: Iterable[Mapping[str, Any]]) -> tuple[bytes, int]:
                 raise ValueError(f"sample key {key!r} must be non-empty, without '.' or '/'")
             for col in _FIELDS:
                 if sample.get(col) is not None:
-                    tar.addfile(*_member(f"{key}.{WDS_SUFFIX[col]}", _as_bytes(sample[col])))
+                    tar.addfile(*_member(f"{key}.{suffixes[col]}", _as_bytes(sample[col])))
             count += 1
     return buf.getvalue(), count
 

@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 __all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent",
-           "open_write"]
+           "open_write", "write_bytes_atomic"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -94,6 +94,20 @@ def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of :func:`filesystem`: a path native to ``fs`` back to a URI (plain if local)."""
     return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``uri`` whole or not at all: local files via a temp name and rename; object
+    stores via one PUT (already atomic)."""
+    fs, path = filesystem(uri)
+    ensure_parent(fs, path)
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def open_write(uri: str, mode: str = "w") -> Any:

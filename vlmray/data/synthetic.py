@@ -218,19 +218,39 @@ def _noise_bank(n: int) -> np.ndarray:
     return raw[0] + raw[1] - 15
 
 
+def _backdrop(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth, per-image background pattern: three low-frequency waves (int16, (S, S, 1)).
+
+    Web photos differ in their low frequencies; without this, every built-in image would be a
+    nearly flat field and perceptual hashes of distinct images would collide."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    field = np.zeros((size, size))
+    for _ in range(3):
+        kx, ky = (int(v) for v in rng.integers(-2, 3, 2))
+        kx = kx if (kx, ky) != (0, 0) else 1
+        phase = rng.uniform(0, 2 * np.pi)
+        field += rng.uniform(10, 22) * np.cos(2 * np.pi * (kx * x + ky * y) + phase)
+    return field.astype(np.int16)[..., None]
+
+
 def _render(scene: _Scene, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draw the scene: (size, size, 3) uint8. Drawn at 2x and box-downsampled (anti-aliasing);
-    pixel noise is a seeded window into a fixed noise bank (much cheaper than fresh draws)."""
+    """Draw the scene: (size, size, 3) uint8. Drawn at 2x and box-downsampled (anti-aliasing),
+    over a smooth per-image backdrop; pixel noise is a seeded window into a fixed noise bank
+    (much cheaper than fresh draws)."""
     big = 2 * size
     grey = rng.uniform(175, 245)
     background = tuple(int(min(255.0, grey + t)) for t in rng.uniform(-12, 12, 3))
     canvas = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(canvas)
+    mask = Image.new("L", (big, big), 0)
+    draw, draw_mask = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
     base = _RGB[COLOURS[scene.colour]]
     for cx, cy, r in scene.objects:
         fill = tuple(min(255, max(0, b + int(j))) for b, j in zip(base, rng.integers(-18, 19, 3)))
         _draw(draw, SHAPES[scene.shape], cx * big, cy * big, r * big, fill)
-    pixels = np.asarray(canvas.reduce(2), dtype=np.int16)    # (H, W, 3)
+        _draw(draw_mask, SHAPES[scene.shape], cx * big, cy * big, r * big, 255)
+    pixels = np.asarray(canvas.reduce(2), dtype=np.float32)    # (H, W, 3)
+    behind = 1.0 - np.asarray(mask.reduce(2), dtype=np.float32)[..., None] / 255.0
+    pixels = (pixels + behind * _backdrop(rng, size)).astype(np.int16)
     n = pixels.size
     start = int(rng.integers(0, 3 * n))
     noise = _noise_bank(n)[start:start + n].reshape(pixels.shape)
@@ -258,30 +278,17 @@ def _clean(cfg: SyntheticConfig, split: str, index: int) -> tuple[_Scene, np.nda
     return scene, _render(scene, rng, cfg.image_size)
 
 
-def _shift(pixels: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """Translate (H, W, 3) pixels by (dx, dy), replicating edges: out[y, x] = in[y-dy, x-dx]."""
-    p = max(abs(dx), abs(dy))
-    padded = np.pad(pixels, ((p, p), (p, p), (0, 0)), mode="edge")
-    h, w = pixels.shape[:2]
-    return padded[p - dy:p - dy + h, p - dx:p - dx + w]
-
-
 def _near_dup(
     cfg: SyntheticConfig, split: str, source: int, rng: np.random.Generator
 ) -> tuple[_Scene, bytes, list[list[float]]]:
-    """A perturbed copy of sample ``source``: small shift, brightness change, other JPEG quality.
-
-    Returns (scene, jpeg bytes, boxes shifted with the image).
-    """
+    """A web-style copy of sample ``source``: rescaled (75-95%), brightness changed, re-encoded
+    at another JPEG quality. Returns (scene, jpeg bytes, boxes; normalised, so unchanged)."""
     scene, pixels = _clean(cfg, split, source)
-    dx, dy = (int(v) for v in rng.integers(-2, 3, 2))
-    dx = dx if (dx, dy) != (0, 0) else 1
     gain = rng.uniform(0.94, 1.06)
-    pixels = np.clip(_shift(pixels, dx, dy).astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    ox, oy = dx / cfg.image_size, dy / cfg.image_size
-    boxes = [[round(min(max(v + o, 0.0), 1.0), 4) for v, o in zip(box, (ox, oy, ox, oy))]
-             for box in _boxes(scene)]
-    return scene, _jpeg(pixels, int(rng.integers(60, 86))), boxes
+    pixels = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    side = max(16, round(cfg.image_size * rng.uniform(0.75, 0.95)))
+    pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BICUBIC))
+    return scene, _jpeg(pixels, int(rng.integers(60, 86))), _boxes(scene)
 
 
 def _other_scene(

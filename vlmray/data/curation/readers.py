@@ -1,0 +1,398 @@
+"""Readers of curation inputs: webdataset tars, parquet tables and URL lists, local or ``s3://``.
+
+Every input file becomes one NumPy batch of raw rows (``KEY``, ``IMAGE``, ``TEXT``, ``META``,
+``URL``) with provenance (``SOURCE``, ``ROW_ID``). Nothing is judged here: caption bytes stay
+undecoded, a repeated key stays a separate row, a truncated tar yields the rows before the cut;
+later stages reject, with a reason, whatever is bad.
+
+    list_inputs("s3://raw/laion/")            # [("s3://raw/laion/00000.tar", "webdataset"), ...]
+    ds = read_inputs("s3://raw/laion/")       # Ray Data: one read task per input file
+    batch = read_inputs_local("urls.csv")     # plain Python, for tests and small jobs
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmray.data import schema
+from vlmray.data.storage import arrow_filesystem, filesystem, is_remote, join, to_uri
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+InputFormat = Literal["auto", "webdataset", "parquet", "urls"]
+FORMATS: tuple[str, ...] = get_args(InputFormat)
+ARROW_SCHEMA = pa.schema([(schema.KEY, pa.string()), (schema.IMAGE, pa.binary()),
+                          (schema.TEXT, pa.binary()), (schema.META, pa.string()),
+                          (schema.URL, pa.string()), (schema.SOURCE, pa.string()),
+                          (schema.ROW_ID, pa.int64())])
+COLUMNS: tuple[str, ...] = tuple(ARROW_SCHEMA.names)   # every batch a reader returns has these
+_ROW_COLUMNS = COLUMNS[:5]                       # what a reader fills; then SOURCE, ROW_ID
+
+_EXTENSIONS = {".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
+               ".parquet": "parquet", ".csv": "urls", ".tsv": "urls", ".jsonl": "urls",
+               ".txt": "urls"}
+_READS = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",),
+          "urls": (".csv", ".tsv", ".jsonl", ".txt", ".parquet")}
+_AUTO_NAMES = {                                  # role -> column names tried, in order
+    "key": ("key", "__key__", "id"),
+    "image": ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes"),
+    "image_path": ("image_path", "file_name", "filename", "path"),
+    "text": ("caption", "text", "txt", "alt", "TEXT"),
+    "url": ("url", "URL", "image_url"),
+    "meta": ("json", "meta"),
+}
+_SUFFIX_COLUMN = {**dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff"),
+                                  schema.IMAGE), "txt": schema.TEXT, "json": schema.META}
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+_GLOB_CHARS = "*?["
+_VALID = ("valid formats: webdataset (.tar, .tar.gz, .tgz), parquet (.parquet), urls (.csv, "
+          ".tsv, .jsonl, .txt, or a .parquet with a URL column and no image column)")
+
+
+@dataclass(kw_only=True)
+class ReadConfig:
+    """How input files are read; column names left empty are detected from common names."""
+
+    format: InputFormat = "auto"
+    """``auto`` (from the extension: ``.tar`` webdataset, ``.parquet`` parquet, ``.csv``/
+    ``.tsv``/``.jsonl``/``.txt`` URL lists; a parquet with a URL column and no image column is
+    a URL list), or force ``webdataset``, ``parquet`` or ``urls``."""
+    key_column: str = ""
+    """Table column holding the sample key ("" = ``key``, ``__key__`` or ``id``; when absent a
+    stable key is derived from the file and row index)."""
+    image_column: str = ""
+    """Table column holding encoded image bytes ("" = ``image``, ``jpg``, ``jpeg``, ``png``,
+    ``webp``, ``img`` or ``image_bytes``); string values are read as image paths."""
+    image_path_column: str = ""
+    """Table column holding image paths, relative to the table's directory or absolute / URIs
+    ("" = ``image_path``, ``file_name``, ``filename`` or ``path``, when no image column)."""
+    text_column: str = ""
+    """Table column holding the caption ("" = ``caption``, ``text``, ``txt``, ``alt`` or
+    ``TEXT``)."""
+    url_column: str = ""
+    """Table column holding the image URL ("" = ``url``, ``URL`` or ``image_url``)."""
+    meta_column: str = ""
+    """Table column holding a JSON sidecar ("" = ``json`` or ``meta``)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"read.format {self.format!r}: valid: {', '.join(FORMATS)}")
+        for f in fields(self):
+            if f.name.endswith("_column") and not isinstance(getattr(self, f.name), str):
+                raise TypeError(f"read.{f.name} must be a column name (str), "
+                                f"got {getattr(self, f.name)!r}")
+        if self.image_column and self.image_path_column:
+            raise ValueError("set read.image_column (bytes) or read.image_path_column (paths), "
+                             "not both")
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+def _extension(path: str) -> str:
+    name = posixpath.basename(path).lower()
+    return next((e for e in sorted(_EXTENSIONS, key=len, reverse=True) if name.endswith(e)), "")
+
+
+def _resolve_columns(names: Sequence[str], cfg: ReadConfig, source: str, *,
+                     need_image_or_url: bool = False) -> dict[str, str | None]:
+    """Role (key, image, image_path, text, url, meta) -> column name in ``names`` or None."""
+    roles: dict[str, str | None] = {}
+    for role, candidates in _AUTO_NAMES.items():
+        chosen = getattr(cfg, f"{role}_column")
+        if chosen and chosen not in names:
+            raise ValueError(f"{source}: read.{role}_column={chosen!r} is not a column; "
+                             f"columns: {sorted(names)}")
+        roles[role] = chosen or next((c for c in candidates if c in names), None)
+    if cfg.image_path_column:
+        roles["image"] = None
+    elif roles["image"]:                         # bytes win over paths when both are there
+        roles["image_path"] = None
+    if need_image_or_url and not (roles["image"] or roles["image_path"] or roles["url"]):
+        raise ValueError(f"{source}: no image, image path or URL column among {sorted(names)}; "
+                         "set read.image_column, read.image_path_column or read.url_column")
+    return roles
+
+
+def _parquet_columns(uri: str) -> list[str]:
+    afs, path = arrow_filesystem(uri)
+    return list(pq.read_schema(path, filesystem=afs).names)
+
+
+def _format_of(uri: str, cfg: ReadConfig, *, strict: bool) -> str | None:
+    """The format to read ``uri`` as; None (or ValueError when ``strict``) if it is not one."""
+    ext = _extension(uri)
+    if cfg.format != "auto":
+        if ext in _READS[cfg.format]:
+            return cfg.format
+        if strict:
+            raise ValueError(f"{uri}: read.format={cfg.format!r} reads "
+                             f"{', '.join(_READS[cfg.format])} files")
+        return None
+    fmt = _EXTENSIONS.get(ext)
+    if fmt is None:
+        if strict:
+            raise ValueError(f"{uri}: unknown input format; {_VALID}")
+        return None
+    if fmt == "parquet":
+        roles = _resolve_columns(_parquet_columns(uri), cfg, uri, need_image_or_url=True)
+        return "urls" if roles["url"] and not roles["image"] and not roles["image_path"] else fmt
+    return fmt
+
+
+def _drop_sidecars(paths: list[str]) -> list[str]:
+    """Where a listing holds ``.tar`` shards, the other files are their metadata (img2dataset's
+    ``00000.parquet`` URL lists and stats, the built-in data's ``manifest.parquet``)."""
+    is_tar = [_EXTENSIONS.get(_extension(p)) == "webdataset" for p in paths]
+    kept = [p for p, t in zip(paths, is_tar) if t] if any(is_tar) else paths
+    if len(kept) < len(paths):
+        log.info("skipping %d metadata files next to .tar shards", len(paths) - len(kept))
+    return kept
+
+
+def list_inputs(uri: str, cfg: ReadConfig | None = None) -> list[tuple[str, str]]:
+    """Sorted ``(file URI, format)`` pairs: files of a directory (not recursive; hidden and
+    ``_``-prefixed files skipped; next to ``.tar`` shards other files are metadata), files
+    matching a glob, or one file. Format is one of ``webdataset``, ``parquet``, ``urls``."""
+    cfg = cfg or ReadConfig()
+    fs, path = filesystem(uri)
+    listing = False
+    if any(c in uri for c in _GLOB_CHARS):
+        found = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
+    elif fs.isdir(path):
+        found = [info["name"] for info in fs.ls(path, detail=True) if info["type"] == "file"]
+        listing = True
+    elif fs.isfile(path):
+        one = to_uri(fs, path)
+        return [(one, str(_format_of(one, cfg, strict=True)))]
+    else:
+        raise FileNotFoundError(f"no input file, directory or glob matches at {uri}")
+    found = [p for p in found if not posixpath.basename(p).startswith((".", "_"))]
+    if cfg.format == "auto" and listing:       # a glob is an explicit choice of files
+        found = _drop_sidecars(found)
+    pairs = [(u, _format_of(u, cfg, strict=False)) for u in sorted(to_uri(fs, p) for p in found)]
+    out = [(u, fmt) for u, fmt in pairs if fmt is not None]
+    if not out:
+        wanted = f"{', '.join(_READS[cfg.format])} files" if cfg.format != "auto" else _VALID
+        raise FileNotFoundError(f"no inputs at {uri} among {len(found)} files "
+                                f"(read.format={cfg.format!r}; {wanted})")
+    return out
+
+
+# --- reading one file -----------------------------------------------------------------------
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+def _to_batch(rows: dict[str, list[Any]], uri: str, file_index: int) -> Batch:
+    n = len(rows[schema.KEY])
+    if n >= 1 << 32 or not 0 <= file_index < 1 << 31:
+        raise ValueError(f"{uri}: {n} rows / file index {file_index} overflow ROW_ID")
+    keys = [k if k else f"{file_index:05d}{i:06d}" for i, k in enumerate(rows[schema.KEY])]
+    return {schema.KEY: _objects(keys), schema.IMAGE: _objects(rows[schema.IMAGE]),
+            schema.TEXT: _objects(rows[schema.TEXT]), schema.META: _objects(rows[schema.META]),
+            schema.URL: _objects([u or "" for u in rows[schema.URL]]),
+            schema.SOURCE: _objects([uri] * n),
+            schema.ROW_ID: (np.int64(file_index) << 32) | np.arange(n, dtype=np.int64)}
+
+
+def _tar_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(key, column)`` of a member, webdataset-style, or None for members we ignore."""
+    if not info.isfile():
+        return None
+    key, _, suffix = posixpath.basename(info.name).partition(".")
+    col = _SUFFIX_COLUMN.get(suffix.lower())
+    return (key, col) if col else None
+
+
+def _read_tar(uri: str) -> list[dict[str, Any]]:
+    """Rows of a tar in member order; a key that re-appears (or repeats a member) is a new row."""
+    fs, path = filesystem(uri)
+    rows: list[dict[str, Any]] = []
+    row: dict[str, Any] = {}
+    tar = None
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                member = _tar_member(info)
+                if member is None:
+                    continue
+                key, col = member
+                if not rows or row[schema.KEY] != key or row[col] is not None:
+                    row = {**dict.fromkeys(_ROW_COLUMNS), schema.KEY: key}
+                    rows.append(row)
+                data = tar.extractfile(info)
+                value = data.read() if data else b""
+                row[col] = value.decode("utf-8", "replace") if col == schema.META else value
+    except _TAR_ERRORS as e:
+        log.warning("truncated or corrupt tar %s: kept %d rows (the last may be partial): %s",
+                    uri, len(rows), e)
+        return rows
+    if tar is not None and _extension(path) == ".tar" and fs.size(path) < tar.offset + 1024:
+        log.warning("truncated tar %s: no end-of-archive marker after %d rows", uri, len(rows))
+    return rows
+
+
+def _text_bytes(value: Any) -> bytes | None:
+    """Caption bytes as given: str is encoded back (CSVs are read with surrogateescape)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def _meta_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else json.dumps(
+        value, default=str)
+
+
+def _read_blob(uri: str) -> bytes | None:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def _images(values: list[Any], paths: list[Any], base: str) -> list[bytes | None]:
+    """Image bytes per row: inline bytes, an HF-style ``{bytes, path}`` struct, or a path."""
+    out: list[bytes | None] = [None] * len(values)
+    to_read: dict[int, str] = {}
+    for i, (value, p) in enumerate(zip(values, paths)):
+        if isinstance(value, dict):
+            value, p = value.get("bytes"), p or value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            out[i] = bytes(value)
+            continue
+        p = str(value if isinstance(value, str) and value else p or "")   # str image: a path
+        if p:
+            local_abs = not is_remote(base) and os.path.isabs(p)
+            to_read[i] = p if "://" in p or local_abs else join(base, p)
+    if to_read:
+        with ThreadPoolExecutor(8 if is_remote(base) else 1) as pool:
+            for i, data in zip(to_read, pool.map(_read_blob, to_read.values())):
+                out[i] = data
+    return out
+
+
+def _table_columns(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
+    """All columns of a CSV/TSV/JSONL/TXT file as lists (parquet is read by column)."""
+    ext = _extension(uri)
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        if ext == ".txt":
+            return {cfg.url_column or "url": [line.strip() for line in text if line.strip()]}
+        if ext == ".jsonl":
+            records = [_json_record(line, uri) for line in text if line.strip()]
+            names = list(dict.fromkeys(k for r in records for k in r))
+            return {name: [r.get(name) for r in records] for name in names}
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {}
+        reader = csv.DictReader(text, **dialect)
+        records = list(reader)
+        return {name: [r.get(name) for r in records] for name in reader.fieldnames or []}
+
+
+def _json_record(line: str, uri: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        log.warning("%s: unparseable JSON line kept as an empty row: %s", uri, e)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _read_table(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
+    if _extension(uri) == ".parquet":
+        names = _parquet_columns(uri)
+        roles = _resolve_columns(names, cfg, uri, need_image_or_url=True)
+        afs, path = arrow_filesystem(uri)
+        wanted = list(dict.fromkeys(c for c in roles.values() if c))
+        table = pq.read_table(path, columns=wanted, filesystem=afs)
+        columns, n = table.to_pydict(), table.num_rows
+    else:
+        columns = _table_columns(uri, cfg)
+        roles = _resolve_columns(list(columns), cfg, uri, need_image_or_url=True)
+        n = len(next(iter(columns.values()), []))
+
+    def col(role: str) -> list[Any]:
+        return columns[roles[role]] if roles[role] else [None] * n
+
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    return {schema.KEY: [None if v is None else str(v) for v in col("key")],
+            schema.IMAGE: _images(col("image"), col("image_path"), base),
+            schema.TEXT: [_text_bytes(v) for v in col("text")],
+            schema.META: [_meta_str(v) for v in col("meta")],
+            schema.URL: ["" if v is None else str(v).strip() for v in col("url")]}
+
+
+def read_file(uri: str, file_index: int, fmt: str, cfg: ReadConfig | None = None) -> Batch:
+    """All rows of one input file as a NumPy batch with exactly :data:`COLUMNS`.
+
+    ``IMAGE``/``TEXT`` are bytes or None (text is not decoded), ``META`` str or None, ``URL``
+    str ("" when none), ``SOURCE`` is ``uri``, ``ROW_ID`` is ``(file_index << 32) | row``.
+    """
+    cfg = cfg or ReadConfig()
+    if fmt == "webdataset":
+        rows = _read_tar(uri)
+        columns = {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
+    elif fmt in ("parquet", "urls"):
+        columns = _read_table(uri, cfg)
+    else:
+        raise ValueError(f"{uri}: format {fmt!r}; valid: webdataset, parquet, urls")
+    return _to_batch(columns, uri, file_index)
+
+
+# --- reading many files ---------------------------------------------------------------------
+
+
+def _read_spec(spec: Batch, cfg: ReadConfig | None) -> pa.Table:
+    """One ``from_items`` row (uri, index, format) -> the file's rows, with fixed Arrow types."""
+    batch = read_file(str(spec["uri"][0]), int(spec["index"][0]), str(spec["format"][0]), cfg)
+    return pa.Table.from_pydict({c: list(batch[c]) for c in COLUMNS}, schema=ARROW_SCHEMA)
+
+
+def read_inputs(uri: str, cfg: ReadConfig | None = None) -> ray.data.Dataset:
+    """A Ray Data plan reading every input file in its own task (rows of a file in order)."""
+    import ray.data
+
+    files = enumerate(list_inputs(uri, cfg))
+    specs = [{"uri": u, "index": i, "format": fmt} for i, (u, fmt) in files]
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    return ds.map_batches(_read_spec, fn_kwargs={"cfg": cfg}, batch_size=1,
+                          batch_format="numpy")
+
+
+def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:
+    """Every input file read in this process, concatenated in file order (no Ray)."""
+    batches = [read_file(u, i, fmt, cfg) for i, (u, fmt) in enumerate(list_inputs(uri, cfg))]
+    return {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
+
+
+__all__ = ["ARROW_SCHEMA", "COLUMNS", "FORMATS", "ReadConfig", "list_inputs", "read_file",
+           "read_inputs", "read_inputs_local"]

@@ -1,0 +1,153 @@
+"""Writers of curated rows: fixed-size webdataset or parquet shards, deterministic, resumable.
+
+Row ``i`` of the kept rows, in input order (``ROW_ID``), goes to shard ``i // shard_size`` at
+position ``i % shard_size``, so the same input and settings give byte-identical shards. A shard
+is written whole or not at all (temp name + rename, or one object PUT); a shard that already
+exists is skipped, which is how an interrupted job resumes.
+
+The JSON sidecar of each sample keeps the input's own fields (e.g. ``label``) and adds the
+curation signals: ``url``, ``width``, ``height``, ``sha256``, ``phash``, ``clip_score``,
+``repairs``, ``source``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmray.data import schema
+from vlmray.data.curation.stage import Batch, num_rows
+from vlmray.data.shards import encode_shard
+from vlmray.data.storage import filesystem, join, write_bytes_atomic
+
+SHARD = "shard"                         # the output shard index a kept row goes to
+_SIGNALS = (schema.URL, schema.WIDTH, schema.HEIGHT, schema.SHA256, schema.PHASH,
+            schema.CLIP_SCORE, schema.REPAIRS, schema.SOURCE)
+PARQUET_COLUMNS = (schema.KEY, schema.IMAGE, schema.TEXT, schema.META)
+
+
+@dataclass(kw_only=True)
+class WriteConfig:
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    """Output shards: ``webdataset`` (``.tar`` of ``{key}.jpg/.txt/.json``, as img2dataset
+    writes) or ``parquet`` (columns key, image, text, meta)."""
+    shard_size: int = 1000
+    """Rows per output shard (the last one may hold fewer)."""
+    prefix: str = "part"
+    """Shard file names: ``<prefix>-00000.tar``."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("webdataset", "parquet"):
+            raise ValueError(f"write.format {self.format!r}: valid: 'webdataset', 'parquet'")
+        if self.shard_size <= 0:
+            raise ValueError(f"write.shard_size must be > 0, got {self.shard_size}")
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError(f"write.prefix {self.prefix!r} must be non-empty, without '/'")
+
+    def shard_name(self, index: int) -> str:
+        ext = "tar" if self.format == "webdataset" else "parquet"
+        return f"{self.prefix}-{index:05d}.{ext}"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else round(float(value), 6)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def sidecar(batch: Batch, i: int) -> str:
+    """The output JSON sidecar of row ``i``: the input's fields plus the curation signals."""
+    raw = batch[schema.META][i] if schema.META in batch else None
+    try:
+        doc = json.loads(raw) if raw else {}
+        doc = doc if isinstance(doc, dict) else {"meta": doc}
+    except (TypeError, ValueError):
+        doc = {"meta": _plain(raw)}
+    for col in _SIGNALS:
+        if col in batch:
+            value = _plain(batch[col][i])
+            if col == schema.PHASH and value is not None:
+                value = f"{int(value) & (2**64 - 1):016x}"
+            if value not in (None, ""):
+                doc[col] = value
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def encode_rows(batch: Batch, cfg: WriteConfig, image_suffix: str) -> bytes:
+    """One shard's bytes from rows already in output order."""
+    n = num_rows(batch)
+    metas = [sidecar(batch, i) for i in range(n)]
+    if cfg.format == "webdataset":
+        samples = ({schema.KEY: batch[schema.KEY][i], schema.IMAGE: batch[schema.IMAGE][i],
+                    schema.TEXT: _text(batch[schema.TEXT][i]), schema.META: metas[i]}
+                   for i in range(n))
+        return encode_shard(samples, image_suffix=image_suffix)[0]
+    table = pa.table({
+        schema.KEY: pa.array([str(k) for k in batch[schema.KEY]], pa.string()),
+        schema.IMAGE: pa.array(list(batch[schema.IMAGE]), pa.binary()),
+        schema.TEXT: pa.array([_text(t) for t in batch[schema.TEXT]], pa.string()),
+        schema.META: pa.array(metas, pa.string()),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_shard_group(group: Batch, shards_uri: str, cfg: WriteConfig,
+                      image_suffix: str) -> Batch:
+    """``map_groups`` function: all rows of one output shard -> that shard on storage (skipped
+    when it already exists)."""
+    order = np.argsort(np.asarray(group[schema.ROW_ID], dtype=np.int64), kind="stable")
+    group = {k: np.asarray(v)[order] for k, v in group.items()}
+    index = int(group[SHARD][0])
+    uri = join(shards_uri, cfg.shard_name(index))
+    fs, path = filesystem(uri)
+    written = not fs.exists(path)
+    if written:
+        write_bytes_atomic(uri, encode_rows(group, cfg, image_suffix))
+    return {SHARD: np.array([index]), "rows": np.array([num_rows(group)]),
+            "written": np.array([written])}
+
+
+class AssignShard:
+    """Map: keeps the kept rows of the shards still to write and adds their ``SHARD`` index,
+    from the sorted ``ROW_ID``s of all kept rows."""
+
+    def __init__(self, kept_row_ids: np.ndarray, shard_size: int, todo: list[int]) -> None:
+        self.kept = np.sort(np.asarray(kept_row_ids, dtype=np.int64))
+        self.shard_size = shard_size
+        self.todo = np.asarray(todo, dtype=np.int64)
+
+    def __call__(self, batch: Batch) -> Batch:
+        live = batch[schema.REJECT_REASON] == ""
+        batch = {k: v[live] for k, v in batch.items()}
+        rank = np.searchsorted(self.kept, np.asarray(batch[schema.ROW_ID], dtype=np.int64))
+        shard = (rank // self.shard_size).astype(np.int64)
+        todo = np.isin(shard, self.todo)
+        return {**{k: v[todo] for k, v in batch.items()}, SHARD: shard[todo]}
+
+
+def existing_shards(shards_uri: str) -> list[str]:
+    fs, path = filesystem(shards_uri)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+__all__ = ["AssignShard", "PARQUET_COLUMNS", "SHARD", "WriteConfig", "encode_rows",
+           "existing_shards", "sidecar", "write_shard_group"]
