@@ -34,8 +34,8 @@ def curated(ray_local, tmp_path_factory) -> dict[str, tuple[str, dict]]:
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_pretrain_on_curated_output(curated, fmt, tmp_path) -> None:
     root, stats = curated[fmt]
-    cfg = vlmray.recipe("clip_tiny", **STEPS, **{"data.source": root,
-                                                 "data.eval_source": f"{root}/raw/eval"})
+    cfg = vlmray.recipe("clip_tiny", **{**STEPS, "data.source": root,
+                                        "data.eval_source": f"{root}/raw/eval"})
     m = vlmray.run(cfg, output=str(tmp_path / "run")).metrics
     assert m["rows_in"] == stats["rows_out"]          # reads exactly the curated rows
     assert m["rows_rejected"] == 0                    # curation already removed the bad ones
@@ -44,8 +44,8 @@ def test_pretrain_on_curated_output(curated, fmt, tmp_path) -> None:
 
 def test_streaming_curation_prefix_matches_the_job(curated, tmp_path) -> None:
     _, stats = curated["webdataset"]
-    cfg = vlmray.recipe("clip_tiny", **STEPS, **{
-        "data.curate": True, **{f"data.synthetic.{k}": v for k, v in vars(SYN).items()}})
+    cfg = vlmray.recipe("clip_tiny", **{
+        **STEPS, "data.curate": True, **{f"data.synthetic.{k}": v for k, v in vars(SYN).items()}})
     m = vlmray.run(cfg, output=str(tmp_path / "run")).metrics
     assert m["rows_in"] == stats["rows_in"] == 400
     assert m["rows_accepted"] == stats["rows_out"]
