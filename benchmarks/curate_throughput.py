@@ -120,7 +120,8 @@ def plain_loop(src: Path, out: Path, shard_size: int) -> int:
     kept = [r for i, r in enumerate(kept) if i not in drop]
     out.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(kept), shard_size):
-        (out / f"part-{i // shard_size:05d}.tar").write_bytes(encode_shard(kept[i:i + shard_size])[0])
+        shard = encode_shard(kept[i:i + shard_size])[0]
+        (out / f"part-{i // shard_size:05d}.tar").write_bytes(shard)
     return len(kept)
 
 

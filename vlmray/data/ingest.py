@@ -134,7 +134,8 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> 
     rows_in = full.count()
     reasons: dict[str, int] = {}
     for row in full.map_batches(_count_reasons, batch_format="numpy").take_all():
-        reasons[row[schema.REJECT_REASON]] = reasons.get(row[schema.REJECT_REASON], 0) + int(row["n"])
+        reason = row[schema.REJECT_REASON]
+        reasons[reason] = reasons.get(reason, 0) + int(row["n"])
     rejected = sum(reasons.values())
     if rejects_uri and rejected:
         fs, path = arrow_filesystem(rejects_uri)

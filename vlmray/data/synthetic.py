@@ -15,13 +15,10 @@ Every random draw is seeded from ``(seed, split, index)``, so a shard can be gen
 
 from __future__ import annotations
 
-import functools
 import io
 import json
-import math
 import multiprocessing
 import os
-import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,11 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vlmray.data.schema import BOXES, IMAGE, KEY, LABEL, META, PHRASES, TEXT
 from vlmray.data.shards import CLASSES_FILE, write_shard
 from vlmray.data.storage import ensure_parent, filesystem, join
+from vlmray.data.synthetic_scene import Scene, boxes_of, jpeg, render, rng_for, sample_scene
 from vlmray.data.synthetic_text import (
     CLASSNAMES,
     COLOURS,
@@ -117,153 +115,6 @@ class SyntheticConfig:
         return -(-self.num(split) // self.shard_size)
 
 
-# --- scenes ------------------------------------------------------------------------------------
-
-_RGB = {"red": (205, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 210),
-        "yellow": (235, 205, 30), "purple": (135, 50, 175)}
-_RADII = {"small": (0.07, 0.10), "large": (0.14, 0.19)}      # normalised object radius
-_REGIONS = {                                                  # where centres may fall
-    "left": (0.0, 0.0, 0.42, 1.0), "right": (0.58, 0.0, 1.0, 1.0),
-    "top": (0.0, 0.0, 1.0, 0.42), "bottom": (0.0, 0.58, 1.0, 1.0),
-    "centre": (0.3, 0.3, 0.7, 0.7), "anywhere": (0.0, 0.0, 1.0, 1.0),
-}
-
-
-@dataclass(frozen=True)
-class _Scene:
-    """What an image shows; objects are (cx, cy, r) in [0, 1] image coordinates."""
-
-    shape: int
-    colour: int
-    size: str
-    region: str
-    objects: tuple[tuple[float, float, float], ...]
-
-    @property
-    def label(self) -> int:
-        return self.shape * len(COLOURS) + self.colour
-
-
-def _rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
-    """An independent generator for one (seed, split, index, stream)."""
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, stream])
-
-
-def _place(rng: np.random.Generator, region: str, count: int, size: str) -> list[tuple]:
-    """Sample ``count`` object (cx, cy, r) in ``region``, avoiding overlaps when possible."""
-    x0, y0, x1, y1 = _REGIONS[region]
-    objects: list[tuple[float, float, float]] = []
-    for _ in range(count):
-        r = float(rng.uniform(*_RADII[size]))
-        lo_x, lo_y = max(x0, r), max(y0, r)
-        hi_x, hi_y = max(lo_x, min(x1, 1 - r)), max(lo_y, min(y1, 1 - r))
-        for _attempt in range(20):
-            cx, cy = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
-            if all(math.hypot(cx - ox, cy - oy) > 1.05 * (r + orr) for ox, oy, orr in objects):
-                break
-        objects.append((cx, cy, r))
-    return objects
-
-
-def _sample_scene(rng: np.random.Generator) -> _Scene:
-    """Draw a scene: class, count (1-3), size, region and object placements."""
-    shape, colour = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS)))
-    count = int(rng.integers(1, 4))
-    size = ("small", "large")[int(rng.integers(2))]
-    region = list(_REGIONS)[int(rng.integers(len(_REGIONS)))]
-    return _Scene(shape, colour, size, region, tuple(_place(rng, region, count, size)))
-
-
-# Object extent around its centre, in units of r: (left, up, right, down).
-_EXTENT = {"circle": (1.0, 1.0, 1.0, 1.0), "square": (0.85, 0.85, 0.85, 0.85),
-           "triangle": (0.95, 1.0, 0.95, 0.8), "cross": (1.0, 1.0, 1.0, 1.0)}
-
-
-def _polygons(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[float, float]]]:
-    """Polygons (pixel coordinates) that draw a square, triangle or cross."""
-    if shape == "square":
-        h = 0.85 * r
-        return [[(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]]
-    if shape == "triangle":
-        return [[(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)]]
-    w = 0.35 * r                                              # cross: two bars
-    return [[(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
-            [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]]
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-          fill: tuple[int, int, int]) -> None:
-    """Draw one object centred at (cx, cy) with radius r, in pixels."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        return
-    for poly in _polygons(shape, cx, cy, r):
-        draw.polygon(poly, fill=fill)
-
-
-def _boxes(scene: _Scene) -> list[list[float]]:
-    """Normalised (x0, y0, x1, y1) box per object, clipped to [0, 1]."""
-    left, up, right, down = _EXTENT[SHAPES[scene.shape]]
-    out = []
-    for cx, cy, r in scene.objects:
-        box = (cx - left * r, cy - up * r, cx + right * r, cy + down * r)
-        out.append([round(min(max(v, 0.0), 1.0), 4) for v in box])
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _noise_bank(n: int) -> np.ndarray:
-    """A fixed bank of 4n triangular int16 noise values in [-15, 15] (std ~6.5)."""
-    raw = np.random.default_rng(n).integers(0, 16, (2, 4 * n), dtype=np.int16)
-    return raw[0] + raw[1] - 15
-
-
-def _backdrop(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth, per-image background pattern: three low-frequency waves (int16, (S, S, 1)).
-
-    Web photos differ in their low frequencies; without this, every built-in image would be a
-    nearly flat field and perceptual hashes of distinct images would collide."""
-    y, x = np.mgrid[0:size, 0:size] / size
-    field = np.zeros((size, size))
-    for _ in range(3):
-        kx, ky = (int(v) for v in rng.integers(-2, 3, 2))
-        kx = kx if (kx, ky) != (0, 0) else 1
-        phase = rng.uniform(0, 2 * np.pi)
-        field += rng.uniform(10, 22) * np.cos(2 * np.pi * (kx * x + ky * y) + phase)
-    return field.astype(np.int16)[..., None]
-
-
-def _render(scene: _Scene, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draw the scene: (size, size, 3) uint8. Drawn at 2x and box-downsampled (anti-aliasing),
-    over a smooth per-image backdrop; pixel noise is a seeded window into a fixed noise bank
-    (much cheaper than fresh draws)."""
-    big = 2 * size
-    grey = rng.uniform(175, 245)
-    background = tuple(int(min(255.0, grey + t)) for t in rng.uniform(-12, 12, 3))
-    canvas = Image.new("RGB", (big, big), background)
-    mask = Image.new("L", (big, big), 0)
-    draw, draw_mask = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
-    base = _RGB[COLOURS[scene.colour]]
-    for cx, cy, r in scene.objects:
-        fill = tuple(min(255, max(0, b + int(j))) for b, j in zip(base, rng.integers(-18, 19, 3)))
-        _draw(draw, SHAPES[scene.shape], cx * big, cy * big, r * big, fill)
-        _draw(draw_mask, SHAPES[scene.shape], cx * big, cy * big, r * big, 255)
-    pixels = np.asarray(canvas.reduce(2), dtype=np.float32)    # (H, W, 3)
-    behind = 1.0 - np.asarray(mask.reduce(2), dtype=np.float32)[..., None] / 255.0
-    pixels = (pixels + behind * _backdrop(rng, size)).astype(np.int16)
-    n = pixels.size
-    start = int(rng.integers(0, 3 * n))
-    noise = _noise_bank(n)[start:start + n].reshape(pixels.shape)
-    return np.clip(pixels + noise, 0, 255).astype(np.uint8)
-
-
-def _jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
-    """Encode (H, W, 3) uint8 as JPEG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=int(quality))
-    return buf.getvalue()
-
-
 # --- samples -----------------------------------------------------------------------------------
 
 def sample_key(split: str, index: int) -> str:
@@ -271,16 +122,16 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:09d}"
 
 
-def _clean(cfg: SyntheticConfig, split: str, index: int) -> tuple[_Scene, np.ndarray]:
+def _clean(cfg: SyntheticConfig, split: str, index: int) -> tuple[Scene, np.ndarray]:
     """The scene and clean (H, W, 3) uint8 pixels of one sample; pure in (cfg, split, index)."""
-    rng = _rng(cfg.seed, split, index)
-    scene = _sample_scene(rng)
-    return scene, _render(scene, rng, cfg.image_size)
+    rng = rng_for(cfg.seed, split, index)
+    scene = sample_scene(rng)
+    return scene, render(scene, rng, cfg.image_size)
 
 
 def _near_dup(
     cfg: SyntheticConfig, split: str, source: int, rng: np.random.Generator
-) -> tuple[_Scene, bytes, list[list[float]]]:
+) -> tuple[Scene, bytes, list[list[float]]]:
     """A web-style copy of sample ``source``: rescaled (75-95%), brightness changed, re-encoded
     at another JPEG quality. Returns (scene, jpeg bytes, boxes; normalised, so unchanged)."""
     scene, pixels = _clean(cfg, split, source)
@@ -288,18 +139,18 @@ def _near_dup(
     pixels = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
     side = max(16, round(cfg.image_size * rng.uniform(0.75, 0.95)))
     pixels = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BICUBIC))
-    return scene, _jpeg(pixels, int(rng.integers(60, 86))), _boxes(scene)
+    return scene, jpeg(pixels, int(rng.integers(60, 86))), boxes_of(scene)
 
 
 def _other_scene(
-    cfg: SyntheticConfig, split: str, index: int, scene: _Scene, rng: np.random.Generator
-) -> _Scene:
+    cfg: SyntheticConfig, split: str, index: int, scene: Scene, rng: np.random.Generator
+) -> Scene:
     """The scene of another sample of the split, of a different class when one turns up."""
     other = scene
     for _ in range(20):
         j = int(rng.integers(cfg.num(split)))
         if j != index:
-            other = _sample_scene(_rng(cfg.seed, split, j))
+            other = sample_scene(rng_for(cfg.seed, split, j))
             if other.label != scene.label:
                 break
     return other
@@ -323,14 +174,14 @@ def make_sample(
     """
     if kind not in ("",) + NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid: {('',) + NOISE_KINDS}")
-    rng = _rng(cfg.seed, split, index, 1)                 # noise/caption stream
+    rng = rng_for(cfg.seed, split, index, 1)                 # noise/caption stream
     if kind == "near_dup":
         if source is None:
             raise ValueError("a near_dup sample needs the index of its source")
         scene, image, boxes = _near_dup(cfg, split, source, rng)
     else:
         scene, pixels = _clean(cfg, split, index)
-        image, boxes = _jpeg(pixels), _boxes(scene)
+        image, boxes = jpeg(pixels), boxes_of(scene)
     text = caption(scene, rng)
     if kind == "mismatch":
         text = caption(_other_scene(cfg, split, index, scene, rng), rng)
@@ -363,7 +214,7 @@ def _noise_kinds(cfg: SyntheticConfig, split: str) -> list[str]:
     kinds = [""] * (n - sum(counts.values()))
     for kind, c in counts.items():
         kinds += [kind] * c
-    order = _rng(cfg.seed, f"{split}:noise", 0).permutation(n)
+    order = rng_for(cfg.seed, f"{split}:noise", 0).permutation(n)
     kinds = [kinds[i] for i in order]
     for start in range(0, n, cfg.shard_size):
         stop = min(start + cfg.shard_size, n)
@@ -385,7 +236,7 @@ def make_shard(
     stop = min(start + cfg.shard_size, cfg.num(split))
     if kinds is None:
         kinds = _noise_kinds(cfg, split)[start:stop]
-    rng = _rng(cfg.seed, f"{split}:shard", shard)
+    rng = rng_for(cfg.seed, f"{split}:shard", shard)
     sources: list[int] = []
     samples = []
     for index, kind in zip(range(start, stop), kinds):

@@ -78,8 +78,8 @@ def test_builtin_curation_accounts_for_every_row(curated) -> None:
     assert reasons["junk_alt_text"] >= 15 and reasons["near_duplicate_image"] >= 20
     kept = list(iter_shards(join(out, "shards")))
     assert len(kept) == stats["rows_out"]
-    assert [len(list(iter_shards(join(out, "shards", n)))) for n in sorted(_shard_bytes(out))][:-1] \
-        == [150] * (stats["shards"] - 1)
+    sizes = [len(list(iter_shards(join(out, "shards", n)))) for n in sorted(_shard_bytes(out))]
+    assert sizes[:-1] == [150] * (stats["shards"] - 1)
     rejects = _rejects(out)
     assert len(rejects) == stats["rows_rejected"]
     assert {r[schema.KEY] for r in rejects}.isdisjoint({s[schema.KEY] for s in kept})

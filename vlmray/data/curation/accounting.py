@@ -74,7 +74,8 @@ def stage_stats(stages: Sequence[str], counts: Mapping[tuple[str, str, str], int
         raise AccountingError(f"rows rejected by stages {unknown} not in the plan {list(stages)}")
     remaining, out = rows_in, []
     for name in stages:
-        dropped = {r: int(n) for (k, s, r), n in sorted(counts.items()) if k == REJECT and s == name}
+        dropped = {r: int(n) for (k, s, r), n in sorted(counts.items())
+                   if k == REJECT and s == name}
         repaired = {r: int(n) for (k, _, r), n in sorted(counts.items())
                     if k == REPAIR and repair_stage.get(r) == name}
         kept = remaining - sum(dropped.values())

@@ -289,6 +289,6 @@ class ApplyDecisions(Stage):
         return StageOutput(columns={schema.DUPLICATE_OF: dups}, reasons=reasons)
 
 
-__all__ = ["ApplyDecisions", "as_str_column", "Batch", "Decisions", "GlobalStage", "Resources", "Stage",
-           "StageActor", "StageOutput", "apply_stage", "filled", "mark_rejected", "num_rows",
+__all__ = ["ApplyDecisions", "Batch", "Decisions", "GlobalStage", "Resources", "Stage",
+           "as_str_column", "StageActor", "StageOutput", "apply_stage", "filled", "mark_rejected", "num_rows",
            "with_bookkeeping"]
