@@ -21,7 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
 
 from vlmray.cli import add_field_flags, fail  # noqa: E402
-from vlmray.config import ConfigError, apply_overrides  # noqa: E402
+from vlmray.config import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    field_paths,
+    unknown_field_message,
+)
 from vlmray.data.curation.config import CurateJobConfig  # noqa: E402
 
 
@@ -30,7 +35,10 @@ def parse(argv: list[str] | None) -> CurateJobConfig:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_field_flags(parser.add_argument_group("settings (stage groups in plan order)"),
                     CurateJobConfig(), show_defaults=True)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].lstrip("-").split("=")[0]
+        parser.error(unknown_field_message(flag, sorted(field_paths(CurateJobConfig()))))
     try:
         return apply_overrides(CurateJobConfig(), vars(args))
     except (ConfigError, ValueError) as e:

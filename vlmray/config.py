@@ -238,7 +238,12 @@ def apply_overrides(cfg: Any, overrides: dict[str, str | Any]) -> Any:
         for p in parents:
             target = getattr(target, p)
         setattr(target, leaf, value)
-    return cfg
+    try:  # rebuild, so every section's own checks (__post_init__) see the new values
+        return _from_dict(type(cfg), json.loads(json.dumps(dataclasses.asdict(cfg))))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def unknown_field_message(name: str, valid: list[str]) -> str:
