@@ -160,3 +160,38 @@ def test_parquet_output(ray_local, raw, tmp_path) -> None:
     table = pq.read_table(str(tmp_path / "pq/shards"))
     assert table.num_rows == stats["rows_out"]
     assert set(table.column_names) >= {schema.KEY, schema.IMAGE, schema.TEXT, schema.META}
+
+
+@pytest.fixture()
+def http_images(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a directory of images."""
+    import functools
+    import http.server
+    import threading
+
+    from tests.data.curation.corpus import bad_rows
+
+    served = tmp_path / "www"
+    served.mkdir()
+    good = [r for r in bad_rows() if not r["expect_reason"] and not r["expect_repair"]]
+    for i, r in enumerate(good):
+        (served / f"{i}.jpg").write_bytes(r[schema.IMAGE])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", len(good)
+    server.shutdown()
+
+
+def test_url_list_downloads_through_ray(ray_local, http_images, tmp_path) -> None:
+    base, n = http_images
+    lines = ["url,caption"] + [f"{base}/{i}.jpg,a photo number {i} of a thing" for i in range(n)]
+    lines += [f"{base}/missing.jpg,a photo that is gone", "ftp://example/x.jpg,a bad scheme"]
+    (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
+    job = _job(str(tmp_path / "urls.csv"), str(tmp_path / "out"))
+    stats = run(job).stats
+    assert [s["name"] for s in stats["stages"]][0] == "download"
+    assert stats["reject_reasons"] == {"download_http_error": 1, "download_error": 1}
+    kept = list(iter_shards(str(tmp_path / "out/shards")))
+    assert len(kept) == stats["rows_out"] == n
+    assert all(json.loads(s[schema.META])["url"].startswith(base) for s in kept)
