@@ -27,12 +27,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from vlmray.api import init_ray
 from vlmray.config import ConfigError
 from vlmray.data import schema
-from vlmray.data.curation.accounting import check_identity, stage_stats, tally
+from vlmray.data.curation.accounting import (
+    check_identity,
+    noise_report,
+    stage_stats,
+    tally,
+)
 from vlmray.data.curation.config import CurateJobConfig
 from vlmray.data.curation.images import IMAGE_SUFFIX
 from vlmray.data.curation.plan import (
@@ -44,11 +47,17 @@ from vlmray.data.curation.plan import (
     row_stages,
 )
 from vlmray.data.curation.readers import list_inputs, read_inputs
-from vlmray.data.curation.writers import SHARD, AssignShard, existing_shards, write_shard_group
+from vlmray.data.curation.writers import (
+    SHARD,
+    collect_rejects,
+    existing_shards,
+    write_shards,
+)
 from vlmray.data.storage import arrow_filesystem, filesystem, join, open_write
 
 REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
                   schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
+REJECTS_PER_FILE = 1_000_000
 EXIT_AFTER_STAGING = "VLMRAY_TEST_EXIT_AFTER_STAGING"   # test hook: die once staging is written
 
 
@@ -124,22 +133,17 @@ def staged_rows(job: CurateJobConfig, layout: Layout, uri: str):
     fs, path = arrow_filesystem(layout.staging)
     if _exists(layout.staged) and _read_json(layout.staged).get("fingerprint") == fingerprint(job):
         print(f"[curate] reusing staged rows in {layout.staging}", flush=True)
-        meta = _read_json(layout.staged)
-    else:
-        _rm(layout.staging)
-        ds, stages, n_files = plan(job, uri)
-        ds.write_parquet(path, filesystem=fs)
-        meta = {"fingerprint": fingerprint(job), "files_in": n_files,
-                "stages": [s.name for s in stages], "repairs": repair_stages(stages)}
-        _write_json(layout.staged, meta)
-        if os.environ.get(EXIT_AFTER_STAGING):
-            os._exit(75)
-    return ray.data.read_parquet(path, filesystem=fs).materialize(), meta
-
-
-def _select(batch: dict[str, np.ndarray], *, rejected: bool) -> dict[str, np.ndarray]:
-    hit = (batch[schema.REJECT_REASON] != "") == rejected
-    return {k: v[hit] for k, v in batch.items()}
+        return ray.data.read_parquet(path, filesystem=fs).materialize(), _read_json(layout.staged)
+    _rm(layout.staging)
+    ds, stages, n_files = plan(job, uri)
+    staged = ds.materialize()
+    staged.write_parquet(path, filesystem=fs)
+    meta = {"fingerprint": fingerprint(job), "files_in": n_files,
+            "stages": [s.name for s in stages], "repairs": repair_stages(stages)}
+    _write_json(layout.staged, meta)
+    if os.environ.get(EXIT_AFTER_STAGING):
+        os._exit(75)
+    return staged, meta
 
 
 def write_kept(final, job: CurateJobConfig, layout: Layout) -> dict[str, Any]:
@@ -149,14 +153,8 @@ def write_kept(final, job: CurateJobConfig, layout: Layout) -> dict[str, Any]:
     n_shards = -(-len(kept_ids) // size)
     have = set(existing_shards(layout.shards))
     todo = [i for i in range(n_shards) if job.write.shard_name(i) not in have]
-    written = []
-    if todo:
-        rows = final.map_batches(AssignShard(kept_ids, size, todo), batch_format="numpy")
-        written = (rows.groupby(SHARD, num_partitions=max(1, min(len(todo), 8)))
-                       .map_groups(write_shard_group, batch_format="numpy",
-                                   fn_args=(layout.shards, job.write,
-                                            IMAGE_SUFFIX[job.image.format]))
-                       .take_all())
+    written = write_shards(final, kept_ids, todo, layout.shards, job.write,
+                           IMAGE_SUFFIX[job.image.format]) if todo else []
     wrote = {int(r[SHARD]): int(r["rows"]) for r in written if r["written"]}
     for i, n in wrote.items():
         expected = min(size, len(kept_ids) - i * size)
@@ -167,15 +165,16 @@ def write_kept(final, job: CurateJobConfig, layout: Layout) -> dict[str, Any]:
 
 
 def write_rejects(final, layout: Layout) -> int:
-    fs, path = arrow_filesystem(layout.rejects)
+    """Rejected rows (no images), in ``ROW_ID`` order, to ``rejects/rejects-00000.parquet``...;
+    returns the number of rows written."""
+    import pyarrow.parquet as pq
+
     _rm(layout.rejects)
-    rejected = final.map_batches(_select, fn_kwargs={"rejected": True}, batch_format="numpy")
-    cols = [c for c in REJECT_COLUMNS if c in final.columns()]
-    rejected = rejected.select_columns(cols).materialize()
-    n = rejected.count()
-    if n:
-        rejected.write_parquet(path, filesystem=fs)
-    return n
+    table = collect_rejects(final, [c for c in REJECT_COLUMNS if c in final.columns()])
+    for i, start in enumerate(range(0, table.num_rows, REJECTS_PER_FILE)):
+        with open_write(join(layout.rejects, f"rejects-{i:05d}.parquet"), "wb") as f:
+            pq.write_table(table.slice(start, REJECTS_PER_FILE), f, compression="zstd")
+    return table.num_rows
 
 
 def _check_output(job: CurateJobConfig, layout: Layout) -> dict[str, Any] | None:
@@ -215,6 +214,7 @@ def run(job: CurateJobConfig) -> CurateResult:
     final = apply_global(staged, globals_).materialize()
     names = meta["stages"] + [g.name for g in globals_]
     stats = stage_stats(names, tally(final), meta["repairs"])
+    noise = noise_report(final)
     out = write_kept(final, job, layout)
     rejected = write_rejects(final, layout)
     check_identity(stats["rows_in"], rows_out=out["rows_out"], rows_rejected=rejected,
@@ -224,40 +224,12 @@ def run(job: CurateJobConfig) -> CurateResult:
     stats.update(out, input=uri, output=job.output, format=job.write.format,
                  files_in=meta.get("files_in"), fingerprint=fingerprint(job),
                  stage_s=round(t_staged - t0, 2), wall_s=round(time.perf_counter() - t0, 2))
-    noise = noise_report(final)
     if noise:
         stats["builtin_noise"] = noise
     _write_json(layout.stats, stats)
     if not job.keep_staging:
         _rm(layout.staging)
     return CurateResult(job.output, stats)
-
-
-def _noise_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    kinds = []
-    for meta in batch[schema.META]:
-        try:
-            doc = json.loads(meta or "{}")
-            kinds.append(doc.get("noise") or "clean" if "noise" in doc else "")
-        except (TypeError, ValueError, AttributeError):
-            kinds.append("")
-    rejected = (batch[schema.REJECT_REASON] != "").astype(np.int64)
-    return {"noise": np.asarray(kinds, dtype=object), "rejected": rejected}
-
-
-def noise_report(final) -> dict[str, dict[str, int]]:
-    """Rows and rejected rows per injected noise kind, for inputs whose sidecars record one
-    (the built-in data's ground truth); empty otherwise."""
-    report: dict[str, dict[str, int]] = {}
-    small = final.select_columns([schema.META, schema.REJECT_REASON]).map_batches(
-        _noise_counts, batch_format="numpy")
-    for row in small.iter_rows():
-        if not row["noise"]:
-            continue
-        entry = report.setdefault(str(row["noise"]), {"rows": 0, "rejected": 0})
-        entry["rows"] += 1
-        entry["rejected"] += int(row["rejected"])
-    return dict(sorted(report.items()))
 
 
 __all__ = ["CurateResult", "Layout", "fingerprint", "plan", "run"]

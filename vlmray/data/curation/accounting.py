@@ -10,6 +10,7 @@ come from one cheap pass over the final rows, with no shared counters:
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -103,5 +104,36 @@ def check_identity(rows_in: int, *, rows_out: int, rows_rejected: int, where: st
             f"{rows_out} out + {rows_rejected} rejected ({rows_in - rows_out - rows_rejected:+d})")
 
 
-__all__ = ["AccountingError", "check_identity", "count_batch", "merge_counts", "reason_totals",
+def _noise_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per batch: rows and rejected rows per noise kind recorded in the sidecar."""
+    counts: dict[str, list[int]] = {}
+    for meta, reason in zip(batch[schema.META], batch[schema.REJECT_REASON]):
+        try:
+            doc = json.loads(meta or "{}")
+        except (TypeError, ValueError):
+            continue
+        if isinstance(doc, dict) and "noise" in doc:
+            entry = counts.setdefault(doc["noise"] or "clean", [0, 0])
+            entry[0] += 1
+            entry[1] += int(reason != "")
+    kinds = sorted(counts)
+    return {"noise": np.asarray(kinds, dtype=object),
+            "rows": np.asarray([counts[k][0] for k in kinds], dtype=np.int64),
+            "rejected": np.asarray([counts[k][1] for k in kinds], dtype=np.int64)}
+
+
+def noise_report(final: ray.data.Dataset) -> dict[str, dict[str, int]]:
+    """Rows and rejected rows per injected noise kind, for inputs whose sidecars record one
+    (the built-in data's ground truth); empty otherwise."""
+    report: dict[str, dict[str, int]] = {}
+    small = final.select_columns([schema.META, schema.REJECT_REASON]).map_batches(
+        _noise_counts, batch_format="numpy", batch_size=4096)
+    for row in small.take_all():
+        entry = report.setdefault(str(row["noise"]), {"rows": 0, "rejected": 0})
+        entry["rows"] += int(row["rows"])
+        entry["rejected"] += int(row["rejected"])
+    return dict(sorted(report.items()))
+
+
+__all__ = ["AccountingError", "noise_report", "check_identity", "count_batch", "merge_counts", "reason_totals",
            "stage_stats", "tally"]

@@ -140,7 +140,7 @@ class DownloadStage(Stage):
 
     name: ClassVar[str] = "download"
     reasons: ClassVar[tuple[str, ...]] = REASONS
-    resources = Resources(num_cpus=1.0, batch_size=256)
+    resources = Resources(num_cpus=1.0, batch_size=64)
 
     def __init__(self, cfg: DownloadConfig | None = None) -> None:
         self.cfg = cfg or DownloadConfig()

@@ -371,21 +371,15 @@ def read_file(uri: str, file_index: int, fmt: str, cfg: ReadConfig | None = None
 # --- reading many files ---------------------------------------------------------------------
 
 
-def _read_spec(spec: Batch, cfg: ReadConfig | None) -> pa.Table:
-    """One ``from_items`` row (uri, index, format) -> the file's rows, with fixed Arrow types."""
-    batch = read_file(str(spec["uri"][0]), int(spec["index"][0]), str(spec["format"][0]), cfg)
-    return pa.Table.from_pydict({c: list(batch[c]) for c in COLUMNS}, schema=ARROW_SCHEMA)
-
-
 def read_inputs(uri: str, cfg: ReadConfig | None = None) -> ray.data.Dataset:
-    """A Ray Data plan reading every input file in its own task (rows of a file in order)."""
+    """A Ray Data plan reading every input file in its own read task (rows of a file in order;
+    the per-row stages after it run in the same task)."""
     import ray.data
 
-    files = enumerate(list_inputs(uri, cfg))
-    specs = [{"uri": u, "index": i, "format": fmt} for i, (u, fmt) in files]
-    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
-    return ds.map_batches(_read_spec, fn_kwargs={"cfg": cfg}, batch_size=1,
-                          batch_format="numpy")
+    from vlmray.data.curation.source import InputFiles
+
+    files = list_inputs(uri, cfg)
+    return ray.data.read_datasource(InputFiles(files, cfg), override_num_blocks=len(files))
 
 
 def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:

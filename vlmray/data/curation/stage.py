@@ -39,7 +39,8 @@ class Resources:
     num_gpus: float = 0.0
     actors: int = 0
     """> 0: an actor pool of this size (``setup`` once per actor); 0: stateless tasks."""
-    batch_size: int = 64
+    batch_size: int | None = 64
+    """Rows per batch; None = whole blocks (lets Ray Data fuse the stage with the read)."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,9 @@ from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, num_rows
 from vlmray.data.shards import encode_shard
 from vlmray.data.storage import filesystem, join, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import ray.data
 
 SHARD = "shard"                         # the output shard index a kept row goes to
 _SIGNALS = (schema.URL, schema.WIDTH, schema.HEIGHT, schema.SHA256, schema.PHASH,
@@ -124,22 +127,66 @@ def write_shard_group(group: Batch, shards_uri: str, cfg: WriteConfig,
             "written": np.array([written])}
 
 
-class AssignShard:
-    """Map: keeps the kept rows of the shards still to write and adds their ``SHARD`` index,
-    from the sorted ``ROW_ID``s of all kept rows."""
+def _row_range(table: pa.Table) -> tuple[int, int]:
+    """(min, max) ``ROW_ID`` of a block; (1, 0) when empty."""
+    if table.num_rows == 0:
+        return 1, 0
+    ids = table[schema.ROW_ID].to_numpy()
+    return int(ids.min()), int(ids.max())
 
-    def __init__(self, kept_row_ids: np.ndarray, shard_size: int, todo: list[int]) -> None:
-        self.kept = np.sort(np.asarray(kept_row_ids, dtype=np.int64))
-        self.shard_size = shard_size
-        self.todo = np.asarray(todo, dtype=np.int64)
 
-    def __call__(self, batch: Batch) -> Batch:
-        live = batch[schema.REJECT_REASON] == ""
-        batch = {k: v[live] for k, v in batch.items()}
-        rank = np.searchsorted(self.kept, np.asarray(batch[schema.ROW_ID], dtype=np.int64))
-        shard = (rank // self.shard_size).astype(np.int64)
-        todo = np.isin(shard, self.todo)
-        return {**{k: v[todo] for k, v in batch.items()}, SHARD: shard[todo]}
+def _shard_from_blocks(shard: int, lo: int, hi: int, shards_uri: str, cfg: WriteConfig,
+                       image_suffix: str, *blocks: pa.Table) -> Batch:
+    """The kept rows with ``lo <= ROW_ID <= hi`` from the blocks that hold them -> one shard."""
+    table = pa.concat_tables([b for b in blocks if b.num_rows], promote_options="permissive")
+    ids = table[schema.ROW_ID].to_numpy()
+    keep = ((table[schema.REJECT_REASON].to_numpy(zero_copy_only=False) == "")
+            & (ids >= lo) & (ids <= hi))
+    table = table.filter(pa.array(keep))
+    group = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    group[SHARD] = np.full(table.num_rows, shard, dtype=np.int64)
+    if not table.num_rows:
+        raise RuntimeError(f"shard {shard}: no kept rows with ROW_ID in [{lo}, {hi}]")
+    return {k: v[0].item() for k, v in write_shard_group(group, shards_uri, cfg,
+                                                          image_suffix).items()}
+
+
+def _rejected_rows(columns: list[str], table: pa.Table) -> pa.Table:
+    rejected = pa.array(table[schema.REJECT_REASON].to_numpy(zero_copy_only=False) != "")
+    return table.filter(rejected).select(columns)
+
+
+def collect_rejects(ds: ray.data.Dataset, columns: list[str]) -> pa.Table:
+    """The rejected rows' ``columns`` of a materialised dataset (one small task per block, no
+    images move), sorted by ``ROW_ID``."""
+    import ray
+
+    task = ray.remote(_rejected_rows).options(num_cpus=0.25)
+    tables = [t for t in ray.get([task.remote(columns, r) for r in ds.to_arrow_refs()])
+              if t.num_rows]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive").sort_by(schema.ROW_ID)
+
+
+def write_shards(ds: ray.data.Dataset, kept_row_ids: np.ndarray, todo: list[int],
+                 shards_uri: str, cfg: WriteConfig, image_suffix: str) -> list[Batch]:
+    """Writes shards ``todo`` of a materialised dataset without a shuffle: shard ``i`` holds
+    kept rows ``i * shard_size ...`` in ``ROW_ID`` order, so one task per shard reads only the
+    blocks whose ``ROW_ID`` range overlaps the shard's."""
+    import ray
+
+    kept = np.sort(np.asarray(kept_row_ids, dtype=np.int64))
+    refs = ds.to_arrow_refs()
+    ranges = ray.get([ray.remote(_row_range).options(num_cpus=0.1).remote(r) for r in refs])
+    task = ray.remote(_shard_from_blocks).options(num_cpus=1)
+    pending = []
+    for shard in todo:
+        lo = int(kept[shard * cfg.shard_size])
+        hi = int(kept[min(len(kept), (shard + 1) * cfg.shard_size) - 1])
+        blocks = [ref for ref, (a, b) in zip(refs, ranges) if a <= hi and b >= lo]
+        pending.append(task.remote(shard, lo, hi, shards_uri, cfg, image_suffix, *blocks))
+    return ray.get(pending)
 
 
 def existing_shards(shards_uri: str) -> list[str]:
@@ -149,5 +196,5 @@ def existing_shards(shards_uri: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
-__all__ = ["AssignShard", "PARQUET_COLUMNS", "SHARD", "WriteConfig", "encode_rows",
-           "existing_shards", "sidecar", "write_shard_group"]
+__all__ = ["PARQUET_COLUMNS", "SHARD", "WriteConfig", "encode_rows",
+           "collect_rejects", "existing_shards", "sidecar", "write_shard_group", "write_shards"]
