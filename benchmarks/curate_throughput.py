@@ -1,6 +1,6 @@
 """Curation throughput: the Ray Data pipeline with 1 and 2 CPUs against a plain PIL loop.
 
-    python benchmarks/curate_throughput.py --images 1600 --side 1024 --output runs/bench-curate
+    python benchmarks/curate_throughput.py --images 4000 --side 1024 --output runs/bench-curate
 
 Input: ``--images`` photos (scikit-image's samples, randomly cropped, scaled to about
 ``--side`` pixels, lightly noised and re-encoded as JPEG, so no two are near-duplicates) with
@@ -171,9 +171,9 @@ def _child(src: str, out: str, cpus: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=1600)
+    p.add_argument("--images", type=int, default=4000)
     p.add_argument("--side", type=int, default=1024)
-    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--files", type=int, default=16)
     p.add_argument("--output", default="")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()

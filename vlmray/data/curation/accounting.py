@@ -135,5 +135,5 @@ def noise_report(final: ray.data.Dataset) -> dict[str, dict[str, int]]:
     return dict(sorted(report.items()))
 
 
-__all__ = ["AccountingError", "noise_report", "check_identity", "count_batch", "merge_counts", "reason_totals",
-           "stage_stats", "tally"]
+__all__ = ["AccountingError", "check_identity", "count_batch", "merge_counts", "noise_report",
+           "reason_totals", "stage_stats", "tally"]

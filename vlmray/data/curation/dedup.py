@@ -9,8 +9,9 @@ Near-duplicate images are found across the whole dataset by multi-index hashing:
 bits are split into bands, and by pigeonhole any two hashes within ``threshold`` bits agree
 exactly on at least one band, so only rows sharing a band value are compared (exact, not
 approximate; see :func:`band_masks`). A row is a near-duplicate when it is within the
-threshold of an earlier *kept* row (a ~ b ~ c with c far from a: b goes, c stays). Near-duplicate captions (optional) use MinHash
-over word shingles with banded LSH, and every candidate pair is verified by exact Jaccard.
+threshold of an earlier *kept* row (a ~ b ~ c with c far from a: b goes, c stays).
+Near-duplicate captions (optional) use MinHash over word shingles with banded LSH, and every
+candidate pair is verified by exact Jaccard.
 
     decisions = Dedup(DedupConfig(phash_threshold=4)).decide(table)   # table: live rows
 """

@@ -291,5 +291,5 @@ class ApplyDecisions(Stage):
 
 
 __all__ = ["ApplyDecisions", "Batch", "Decisions", "GlobalStage", "Resources", "Stage",
-           "as_str_column", "StageActor", "StageOutput", "apply_stage", "filled", "mark_rejected", "num_rows",
-           "with_bookkeeping"]
+           "StageActor", "StageOutput", "apply_stage", "as_str_column", "filled", "mark_rejected",
+           "num_rows", "with_bookkeeping"]
