@@ -46,10 +46,6 @@ def global_stages(cur: CurationConfig) -> list[GlobalStage]:
     return [g for g in (Dedup(cur.dedup), TopFraction(cur.score)) if g.enabled()]
 
 
-def stage_names(rows: Sequence[Stage], globals_: Sequence[GlobalStage]) -> list[str]:
-    return [s.name for s in rows] + [g.name for g in globals_]
-
-
 def repair_stages(rows: Sequence[Stage]) -> dict[str, str]:
     """Repair kind -> the stage that applies it (for per-stage repair counts)."""
     return {kind: s.name for s in rows for kind in s.repair_kinds}
@@ -99,4 +95,4 @@ def apply_global(ds: ray.data.Dataset, stages: Sequence[GlobalStage]) -> ray.dat
 
 
 __all__ = ["apply_global", "apply_row_stages", "global_stages", "live_table", "repair_stages",
-           "row_stages", "stage_names"]
+           "row_stages"]

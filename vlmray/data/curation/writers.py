@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 SHARD = "shard"                         # the output shard index a kept row goes to
 _SIGNALS = (schema.URL, schema.WIDTH, schema.HEIGHT, schema.SHA256, schema.PHASH,
             schema.CLIP_SCORE, schema.REPAIRS, schema.SOURCE)
-PARQUET_COLUMNS = (schema.KEY, schema.IMAGE, schema.TEXT, schema.META)
 
 
 @dataclass(kw_only=True)
@@ -196,5 +195,5 @@ def existing_shards(shards_uri: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
-__all__ = ["PARQUET_COLUMNS", "SHARD", "WriteConfig", "encode_rows",
+__all__ = ["SHARD", "WriteConfig", "encode_rows",
            "collect_rejects", "existing_shards", "sidecar", "write_shard_group", "write_shards"]
