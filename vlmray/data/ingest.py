@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlmray.data import schema
+from vlmray.data.curation.accounting import ROWS, check_identity, reason_totals, tally
 from vlmray.data.decode import DecodeSpec, prepare_rows
 from vlmray.data.storage import arrow_filesystem
 from vlmray.data.tokenize import Tokenizer, build_tokenizer
@@ -104,13 +105,6 @@ def _select(batch: dict[str, np.ndarray], *, rejected: bool) -> dict[str, np.nda
     return {k: v[keep] for k, v in batch.items()}
 
 
-def _count_reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-batch reject counts (a cheap map, not a 200-partition hash shuffle)."""
-    reasons, counts = np.unique(batch[schema.REJECT_REASON].astype(str), return_counts=True)
-    keep = reasons != ""
-    return {schema.REJECT_REASON: reasons[keep].astype(object), "n": counts[keep]}
-
-
 @dataclass
 class IngestResult:
     train: ray.data.Dataset
@@ -131,11 +125,9 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> 
         from vlmray.data.curation.plan import apply_global, global_stages
 
         full = apply_global(full, global_stages(cfg.curation)).materialize()
-    rows_in = full.count()
-    reasons: dict[str, int] = {}
-    for row in full.map_batches(_count_reasons, batch_format="numpy").take_all():
-        reason = row[schema.REJECT_REASON]
-        reasons[reason] = reasons.get(reason, 0) + int(row["n"])
+    counts = tally(full)                   # the curation job's accounting: one cheap map
+    rows_in = counts[(ROWS, "", "")]
+    reasons = reason_totals(counts)
     rejected = sum(reasons.values())
     if rejects_uri and rejected:
         fs, path = arrow_filesystem(rejects_uri)
@@ -145,8 +137,7 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> 
     train = (full.map_batches(functools.partial(_select, rejected=False), batch_format="numpy")
                  .select_columns(TRAIN_COLUMNS).materialize())
     accepted = train.count()
-    if accepted + rejected != rows_in:
-        raise RuntimeError(f"row accounting broke: {accepted} + {rejected} != {rows_in}")
+    check_identity(rows_in, rows_out=accepted, rows_rejected=rejected, where="ingest")
     return IngestResult(train, rows_in, accepted, rejected, reasons)
 
 
