@@ -17,7 +17,18 @@ SYNTHETIC_CAPTION = "synthetic_caption"  # str: caption generated from the image
 LABEL = "label"                    # int: class index, for image-text-label objectives and eval
 BOXES = "boxes"                    # list<list<float>>: (x0, y0, x1, y1) in [0, 1], region-word
 PHRASES = "phrases"                # list<str>: one phrase per box
-NEIGHBOURS = "neighbours"          # list<str>: keys of retrieved neighbours
+NEIGHBOURS = "neighbours"          # list<str>: keys of retrieved neighbours, best first
+NEIGHBOUR_SCORES = "neighbour_scores"  # list<float>: similarity of each neighbour (same order)
+
+# --- retrieval: embeddings and what training rows carry from their neighbours ---------------
+IMAGE_EMBED = "image_embed"        # float32 (D,): an image embedding (embedding shards, queries)
+TEXT_EMBED = "text_embed"          # float32 (D,): a caption embedding
+REF_IMAGE_EMBEDS = "ref_image_embeds"  # float32 (k, D_ref): retrieved reference images (RA-CLIP)
+REF_TEXT_EMBEDS = "ref_text_embeds"    # float32 (k, D_ref): their captions' embeddings
+REF_MASK = "ref_mask"              # float32 (k,): 1 where slot i holds a reference, 0 = padding
+NN_TEXT = "nn_text"                # str: caption of the nearest non-duplicate neighbour (DeCLIP)
+NN_TOKENS = "nn_tokens"            # int64 (L,): NN_TEXT tokenised
+NN_TOKEN_MASK = "nn_token_mask"    # int64 (L,)
 
 # --- columns produced by ingest for training ------------------------------------------------
 PIXELS = "pixels"                  # uint8 (3, H, W): decoded, resized image
@@ -46,7 +57,8 @@ WDS_SUFFIX = {IMAGE: "jpg", TEXT: "txt", META: "json"}
 
 __all__ = [
     "KEY", "IMAGE", "TEXT", "META", "TEXTS_AUG", "SYNTHETIC_CAPTION", "LABEL", "BOXES",
-    "PHRASES", "NEIGHBOURS", "PIXELS", "TOKENS", "TOKEN_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
+    "PHRASES", "NEIGHBOURS", "NEIGHBOUR_SCORES", "IMAGE_EMBED", "TEXT_EMBED", "REF_IMAGE_EMBEDS",
+    "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS", "TOKEN_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
     "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]
