@@ -1,1 +1,1 @@
-"""Composed end-to-end pipelines (examples to copy): curate."""
+"""Composed end-to-end pipelines (examples to copy): curate, index."""

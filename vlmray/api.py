@@ -90,12 +90,16 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     write_json(join(run_dir, "config.json"), cfg.to_dict())
     train_uri, eval_uri = resolve_data(cfg, run_dir)
     init_ray()
-    ingest = run_ingest(cfg.data, train_uri, rejects_uri=join(run_dir, "rejects"))
+    plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
+    cfg = plan.config if plan else cfg
+    ingest = run_ingest(cfg.data, train_uri, rejects_uri=join(run_dir, "rejects"),
+                        retrieval=plan.stages if plan else None)
     print(f"[vlmray] ingest: {ingest.summary()}", flush=True)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
     trainer = build_trainer(cfg, {"train": ingest.train}, run_dir=run_dir, eval_uri=eval_uri,
-                            resume_from=str(latest) if latest else None, launch=launch)
+                            resume_from=str(latest) if latest else None, launch=launch,
+                            eval_refs=plan.eval_refs if plan else "")
     result = trainer.fit()
     rows = dedup_by_step(read_history(run_dir))
     summary = _summarise(rows, ingest.summary(), time.perf_counter() - t0)
@@ -104,6 +108,31 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
     return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
+
+
+def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
+    """``data.retrieval``'s plan (index built, stages for ingest), or None when it is off.
+    The config is rewritten when the plan fills a field (RA-CLIP's reference width)."""
+    r = cfg.data.retrieval
+    if not r.enabled and r.reference_fraction <= 0:
+        return None
+    from vlmray.retrieval.feed import prepare
+    from vlmray.train.report import write_json
+
+    plan = prepare(cfg, train_uri, eval_uri, run_dir)
+    if plan.config is not cfg:
+        write_json(join(run_dir, "config.json"), plan.config.to_dict())
+    if plan.stats:
+        print(f"[vlmray] retrieval index: {_index_summary(plan.stats)}", flush=True)
+    return plan
+
+
+def _index_summary(stats: dict[str, Any]) -> str:
+    parts = []
+    for name, rep in stats.get("indexes", {}).items():
+        parts.append(f"{name}: {rep.get('kind')} n={rep.get('n')} dim={rep.get('dim')} "
+                     f"recall@10={rep.get('recall_at_10')}")
+    return "; ".join(parts) or str(stats)
 
 
 def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from vlmray.data.curation.config import CurationConfig
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.objectives.registry import ObjectiveSpec
+from vlmray.retrieval.config import RetrievalConfig
 
 
 @dataclass(kw_only=True)
@@ -51,6 +52,8 @@ class DataConfig:
     prefix of training: no curated copy is written, rejects land in ``<run>/rejects``."""
     curation: CurationConfig = field(default_factory=CurationConfig)
     """Curation stage settings used when ``curate`` is on (as ``jobs/curate.py``'s)."""
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    """FAISS neighbours for training rows: RA-CLIP references or DeCLIP NNS neighbour text."""
 
 
 @dataclass(kw_only=True)
@@ -77,6 +80,15 @@ class ModelConfig:
     """Initial softmax temperature; the learnable logit scale starts at 1/this."""
     max_logit_scale: float = 100.0
     """The logit scale is clamped to at most this."""
+    ra_layers: int = 0
+    """RA-CLIP retrieval augmentation: cross-attention blocks of the module that enriches each
+    image embedding with its k retrieved reference pairs (0 = off). When on, training batches
+    must carry ``ref_image_embeds``, ``ref_text_embeds`` and ``ref_mask``."""
+    ra_heads: int = 4
+    """Attention heads of the retrieval augmentation blocks; must divide ``embed_dim``."""
+    ra_ref_dim: int = 0
+    """Width D_ref of the reference embeddings (the frozen embedder of the retrieval index);
+    must be > 0 when ``ra_layers > 0`` (pipelines fill it in from the index)."""
 
 
 @dataclass(kw_only=True)
@@ -267,7 +279,9 @@ def validate(cfg: Config) -> Config:
         validate_specs(cfg.objectives)  # names, params, weights, no repeats
     except ValueError as e:  # UnknownNameError is a ValueError too
         raise ConfigError(f"objectives: {e}") from None
-    validate_model_config(cfg.model)
+    _check_retrieval(cfg)
+    validate_model_config(cfg.model,
+                          ref_dim_filled_later=cfg.data.retrieval.attach == "references")
     t = cfg.train
     if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0 or not math.isfinite(t.lr):
         raise ConfigError("train.steps, train.batch_size and train.lr must be positive")
@@ -280,6 +294,24 @@ def validate(cfg: Config) -> Config:
     if tok.startswith("hf:") and not Path(tok[3:]).is_dir():
         raise ConfigError(f"data.tokenizer {tok!r}: {tok[3:]!r} is not a local directory")
     return cfg
+
+
+def _check_retrieval(cfg: Config) -> None:
+    """The model part and objectives that consume neighbours agree with ``data.retrieval``."""
+    attach = cfg.data.retrieval.attach
+    if (cfg.model.ra_layers > 0) != (attach == "references"):
+        raise ConfigError(f"model.ra_layers={cfg.model.ra_layers} with data.retrieval.attach="
+                          f"{attach!r}: the RA-CLIP module (ra_layers > 0) and "
+                          f"attach='references' go together")
+    nns_index = any(s.name == "declip_nns" and s.params.get("source") == "index"
+                    for s in cfg.objectives)
+    if nns_index and attach != "neighbour_text":
+        raise ConfigError("objective declip_nns with source='index' reads each row's neighbour "
+                          "caption: set data.retrieval.attach='neighbour_text' (or use "
+                          "source='queue')")
+    if cfg.data.retrieval.train_on == "reference" and cfg.data.retrieval.enabled:
+        raise ConfigError("data.retrieval.train_on='reference' is the bootstrap run's setting "
+                          "and takes attach='none'")
 
 
 def _check_literals(obj: Any, prefix: str = "") -> None:

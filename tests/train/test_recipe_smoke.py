@@ -41,6 +41,9 @@ SHRINK_VIT = {"model.vision_kwargs": '{"patch_size": 8, "embed_dim": 32, "depth"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+REF_DIM = 24   # width of RA-CLIP's reference embeddings in the smoke batch (frozen embedder's)
+
+
 def small_config(name: str) -> Config:
     """The recipe at its own size when it is clip_tiny, else shrunk; lr raised, no warmup."""
     overrides: dict[str, Any] = dict(TRAIN)
@@ -48,7 +51,32 @@ def small_config(name: str) -> Config:
         overrides.update(SHRINK)
         if recipe(name).model.vision.startswith("vit_"):
             overrides.update(SHRINK_VIT)
+    if recipe(name).model.ra_layers:
+        overrides["model.ra_ref_dim"] = str(REF_DIM)   # what the retrieval plan fills in
     return validate(recipe(name, **overrides))
+
+
+def retrieval_columns(cfg: Config, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """What ``data.retrieval`` attaches, made the way its stages shape it: RA-CLIP references
+    (a random frozen-embedder space where each row's first reference carries its label), or
+    each row's neighbour caption (another row of the same class, tokenised)."""
+    attach, k = cfg.data.retrieval.attach, cfg.data.retrieval.k
+    labels, n = rows[schema.LABEL], len(rows[schema.LABEL])
+    gen = torch.Generator().manual_seed(0)
+    if attach == "references":
+        space = torch.nn.functional.normalize(torch.randn(64, REF_DIM, generator=gen), dim=-1)
+        ref = space[torch.randint(0, 64, (n, k), generator=gen)]
+        ref[:, 0] = space[torch.as_tensor(labels) % 64]
+        mask = torch.ones(n, k)
+        mask[1::2, k // 2:] = 0.0                                   # some rows found fewer
+        return {schema.REF_IMAGE_EMBEDS: ref, schema.REF_TEXT_EMBEDS: ref.flip(-1).clone(),
+                schema.REF_MASK: mask}
+    if attach == "neighbour_text":
+        partner = [int(np.flatnonzero(labels == y)[-1]) for y in labels]
+        ids, mask = tokenizer_for(cfg.data)([str(rows[schema.TEXT][j]) for j in partner])
+        return {schema.NN_TOKENS: torch.from_numpy(ids),
+                schema.NN_TOKEN_MASK: torch.from_numpy(mask)}
+    return {}
 
 
 def make_batch(cfg: Config) -> dict[str, torch.Tensor]:
@@ -59,7 +87,8 @@ def make_batch(cfg: Config) -> dict[str, torch.Tensor]:
                         decode_spec(cfg.data), tokenizer_for(cfg.data))
     assert (rows[schema.REJECT_REASON] == "").all()
     cols = (schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL)
-    return {c: torch.from_numpy(np.ascontiguousarray(rows[c])) for c in cols}
+    batch = {c: torch.from_numpy(np.ascontiguousarray(rows[c])) for c in cols}
+    return {**batch, **retrieval_columns(cfg, rows)}
 
 
 @pytest.mark.parametrize("name", list_recipes())

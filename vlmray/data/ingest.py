@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from vlmray.config import DataConfig
 
 TRAIN_COLUMNS = [schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL]
+REFERENCE_COLUMNS = [schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK]
+NN_COLUMNS = [schema.NN_TOKENS, schema.NN_TOKEN_MASK]
+
+
+def train_columns(cfg: DataConfig) -> list[str]:
+    """The columns training rows carry: TRAIN_COLUMNS plus what ``data.retrieval`` attaches."""
+    extra = {"references": REFERENCE_COLUMNS, "neighbour_text": NN_COLUMNS}
+    return TRAIN_COLUMNS + extra.get(cfg.retrieval.attach, [])
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,7 +58,7 @@ def decode_spec(cfg: DataConfig) -> DecodeSpec:
 
 DECODE_STAGE = "decode"
 _PASS_THROUGH = (schema.ROW_ID, schema.SHA256, schema.PHASH, schema.TEXT_SIG, schema.CLIP_SCORE,
-                 schema.DUPLICATE_OF)
+                 schema.DUPLICATE_OF, *REFERENCE_COLUMNS)
 
 
 class DecodeStage:
@@ -79,6 +87,10 @@ class DecodeStage:
             stage[earlier] = batch[schema.REJECT_STAGE][earlier]
         out[schema.REJECT_STAGE] = stage
         out.update({c: batch[c] for c in _PASS_THROUGH if c in batch})
+        if schema.NN_TEXT in batch:   # DeCLIP NNS: the neighbour's caption, tokenised alike
+            nn_text = [t if isinstance(t, str) else "" for t in batch[schema.NN_TEXT]]
+            tok = cached_tokenizer(*self.tokenizer_args)
+            out[schema.NN_TOKENS], out[schema.NN_TOKEN_MASK] = tok(nn_text)
         return out
 
 
@@ -89,14 +101,19 @@ def read_shards(uri: str) -> ray.data.Dataset:
     return read_inputs(uri, ReadConfig())
 
 
-def build_ingest(cfg: DataConfig, uri: str) -> ray.data.Dataset:
-    """Lazy plan: read -> [curation stages] -> decode/validate/tokenise. Rows carry
-    REJECT_REASON ("" = kept) and REJECT_STAGE."""
+def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None) -> ray.data.Dataset:
+    """Lazy plan: read -> [curation stages] -> [retrieval stages] -> decode/validate/tokenise.
+    Rows carry REJECT_REASON ("" = kept) and REJECT_STAGE. ``retrieval`` is the list of
+    stages :func:`vlmray.retrieval.feed.feed_stages` returns for ``data.retrieval``."""
+    from vlmray.data.curation.plan import apply_row_stages
+
     rows = read_shards(uri)
     if cfg.curate:
-        from vlmray.data.curation.plan import apply_row_stages, row_stages
+        from vlmray.data.curation.plan import row_stages
 
         rows = apply_row_stages(rows, row_stages(cfg.curation))
+    if retrieval:
+        rows = apply_row_stages(rows, retrieval)
     return rows.map_batches(DecodeStage(cfg), batch_format="numpy", batch_size=256)
 
 
@@ -118,9 +135,10 @@ class IngestResult:
                 "rows_rejected": self.rows_rejected, "reject_reasons": dict(self.reject_reasons)}
 
 
-def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> IngestResult:
+def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
+               retrieval: list | None = None) -> IngestResult:
     """Executes the ingest plan once, writes rejects, and returns the accepted train rows."""
-    full = build_ingest(cfg, uri).materialize()
+    full = build_ingest(cfg, uri, retrieval=retrieval).materialize()
     if cfg.curate:
         from vlmray.data.curation.plan import apply_global, global_stages
 
@@ -135,11 +153,11 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None) -> 
              .select_columns([schema.KEY, schema.TEXT, schema.REJECT_STAGE, schema.REJECT_REASON])
              .write_parquet(path, filesystem=fs))
     train = (full.map_batches(functools.partial(_select, rejected=False), batch_format="numpy")
-                 .select_columns(TRAIN_COLUMNS).materialize())
+                 .select_columns(train_columns(cfg)).materialize())
     accepted = train.count()
     check_identity(rows_in, rows_out=accepted, rows_rejected=rejected, where="ingest")
     return IngestResult(train, rows_in, accepted, rejected, reasons)
 
 
 __all__ = ["DecodeStage", "IngestResult", "TRAIN_COLUMNS", "build_ingest", "decode_spec",
-           "read_shards", "run_ingest", "tokenizer_for"]
+           "read_shards", "run_ingest", "tokenizer_for", "train_columns"]

@@ -12,8 +12,12 @@ from vlmray.models import DualEncoder
 
 
 @torch.no_grad()
-def _embed_images(model: DualEncoder, pixels: Tensor, bs: int, device: torch.device) -> Tensor:
-    return torch.cat([model.encode_image(pixels[i:i + bs].to(device))[0].float()
+def _embed_images(model: DualEncoder, pixels: Tensor, bs: int, device: torch.device,
+                  refs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def refs_of(i: int) -> tuple[Tensor, ...] | None:
+        return None if refs is None else tuple(r[i:i + bs].to(device) for r in refs)
+
+    return torch.cat([model.encode_image(pixels[i:i + bs].to(device), refs=refs_of(i))[0].float()
                       for i in range(0, len(pixels), bs)])
 
 
@@ -31,7 +35,7 @@ def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    img = _embed_images(model, data.pixels, batch_size, device)            # (N, D)
+    img = _embed_images(model, data.pixels, batch_size, device, data.refs)  # (N, D)
     txt = _embed_texts(model, data.tokens, data.token_mask, batch_size, device)
     ids, mask = tokenizer(class_prompts(data.classnames, data.templates))
     prompts = _embed_texts(model, torch.from_numpy(ids), torch.from_numpy(mask), batch_size, device)

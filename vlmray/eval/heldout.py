@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,9 +25,32 @@ class HeldOut:
     classnames: list[str]
     templates: list[str]
     rows_rejected: int = 0
+    keys: list[str] = field(default_factory=list)
+    refs: tuple[Tensor, Tensor, Tensor] | None = None
+    """RA-CLIP: each image's retrieved (ref_image (N, k, Dr), ref_text (N, k, Dr), mask (N, k))."""
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
+
+    def with_refs(self, uri: str) -> HeldOut:
+        """A copy carrying the references of each row, read from the parquet file at ``uri``
+        (columns KEY, REF_IMAGE_EMBEDS, REF_TEXT_EMBEDS, REF_MASK; written by
+        :func:`vlmray.retrieval.feed.write_eval_refs`). Every held-out key must be there."""
+        import pyarrow.parquet as pq
+
+        from vlmray.data.storage import arrow_filesystem
+
+        fs, path = arrow_filesystem(uri)
+        table = pq.read_table(path, filesystem=fs)
+        row = {k: i for i, k in enumerate(table.column(schema.KEY).to_pylist())}
+        missing = [k for k in self.keys if k not in row]
+        if missing:
+            raise ValueError(f"{uri}: no references for {len(missing)} held-out rows "
+                             f"(e.g. {missing[0]!r})")
+        take = [row[k] for k in self.keys]
+        refs = tuple(torch.from_numpy(_tensor_column(table, c)[take]) for c in
+                     (schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK))
+        return dataclasses.replace(self, refs=refs)
 
 
 def load_heldout(uri: str, spec: DecodeSpec, tokenizer: Tokenizer, *, max_samples: int) -> HeldOut:
@@ -44,7 +69,17 @@ def load_heldout(uri: str, spec: DecodeSpec, tokenizer: Tokenizer, *, max_sample
         token_mask=torch.from_numpy(batch[schema.TOKEN_MASK][ok]),
         labels=torch.from_numpy(batch[schema.LABEL][ok]),
         classnames=classnames, templates=templates, rows_rejected=int((~ok).sum()),
+        keys=[str(k) for k in batch[schema.KEY][ok]],
     )
+
+
+def _tensor_column(table: object, name: str) -> np.ndarray:
+    """A (N, ...) float32 array from a (nested) fixed-size-list or tensor column."""
+    column = table.column(name).combine_chunks()
+    try:
+        return np.asarray(column.to_numpy_ndarray(), dtype=np.float32)   # Arrow tensor extension
+    except AttributeError:
+        return np.asarray(column.to_pylist(), dtype=np.float32)
 
 
 def class_prompts(classnames: list[str], templates: list[str]) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vlmray.models.dual_encoder import DualEncoder
-from vlmray.models.outputs import Outputs
+from vlmray.models.outputs import NN_TEXT_EMBEDS, Outputs
+from vlmray.models.retrieval_aug import RetrievalAugmentation
 from vlmray.models.towers import (
     TextTower,
     VisionTower,
@@ -20,16 +21,25 @@ if TYPE_CHECKING:
 def build_model(cfg: ModelConfig, *, image_size: int, vocab_size: int,
                 context_length: int) -> DualEncoder:
     """Builds the dual encoder described by ``cfg`` (random init unless weights are named)."""
+    _check_retrieval(cfg)  # by now ra_ref_dim must be known
     vision = VisionTower(cfg.vision, img_size=image_size, kwargs=cfg.vision_kwargs,
                          weights=cfg.vision_weights)
     text = TextTower(cfg.text, vocab_size=vocab_size, context_length=context_length,
                      weights=cfg.text_weights)
+    retrieval = None
+    if cfg.ra_layers > 0:
+        retrieval = RetrievalAugmentation(cfg.embed_dim, cfg.ra_ref_dim, layers=cfg.ra_layers,
+                                          heads=cfg.ra_heads)
     return DualEncoder(vision, text, embed_dim=cfg.embed_dim, pooling=cfg.text_pooling,
-                       init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale)
+                       init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale,
+                       retrieval=retrieval)
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Fails fast (before Ray starts) on an unknown timm name or transformers model type."""
+def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) -> None:
+    """Fails fast (before Ray starts) on an unknown timm name or transformers model type, and on
+    RA-CLIP fields that cannot build. ``ref_dim_filled_later``: accept ``ra_ref_dim == 0`` with
+    ``ra_layers > 0`` because a retrieval stage fills it from its index before the model is
+    built (``build_model`` checks it again)."""
     from vlmray.config import ConfigError
 
     try:
@@ -42,7 +52,26 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
         if not Path(cfg.vision_weights).is_file():
             raise ConfigError(f"model.vision_weights {cfg.vision_weights!r} is not a file")
+    _check_retrieval(cfg, ref_dim_filled_later=ref_dim_filled_later)
 
 
-__all__ = ["DualEncoder", "Outputs", "TextTower", "VisionTower", "build_model",
-           "validate_model_config"]
+def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) -> None:
+    """RA-CLIP fields: off (ra_layers == 0), or a reference width and heads that fit."""
+    from vlmray.config import ConfigError
+
+    if cfg.ra_layers < 0:
+        raise ConfigError(f"model.ra_layers must be >= 0 (0 = off), got {cfg.ra_layers}")
+    if cfg.ra_layers == 0:
+        return
+    unset_ok = ref_dim_filled_later and cfg.ra_ref_dim == 0
+    if cfg.ra_ref_dim <= 0 and not unset_ok:
+        raise ConfigError(f"model.ra_layers={cfg.ra_layers} needs model.ra_ref_dim > 0 (the "
+                          f"width of the retrieval index's reference embeddings), got "
+                          f"{cfg.ra_ref_dim}")
+    if cfg.ra_heads <= 0 or cfg.embed_dim % cfg.ra_heads:
+        raise ConfigError(f"model.ra_heads={cfg.ra_heads} must be > 0 and divide "
+                          f"model.embed_dim={cfg.embed_dim}")
+
+
+__all__ = ["NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
+           "VisionTower", "build_model", "validate_model_config"]

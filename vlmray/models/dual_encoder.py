@@ -13,16 +13,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
-from vlmray.models.outputs import Outputs
+from vlmray.models.outputs import NN_TEXT_EMBEDS, Outputs
+from vlmray.models.retrieval_aug import RetrievalAugmentation
 from vlmray.models.towers import TextTower, VisionTower
+
+References = tuple[Tensor, Tensor, Tensor]
+"""(ref_image (B, k, D_ref), ref_text (B, k, D_ref), ref_mask (B, k)) for RA-CLIP."""
 
 
 class DualEncoder(nn.Module):
-    """image (B, 3, H, W) -> image_embeds (B, D); tokens (B, L) -> text_embeds (B, D)."""
+    """image (B, 3, H, W) -> image_embeds (B, D); tokens (B, L) -> text_embeds (B, D).
+
+    With ``retrieval`` (RA-CLIP), image embeddings are enriched with retrieved reference pairs
+    (``vlmray.models.retrieval_aug``); without it the state dict is the plain dual encoder's.
+    """
 
     def __init__(self, vision: VisionTower, text: TextTower, *, embed_dim: int,
                  pooling: str = "mean", init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0) -> None:
+                 max_logit_scale: float = 100.0,
+                 retrieval: RetrievalAugmentation | None = None) -> None:
         super().__init__()
         self.vision, self.text = vision, text
         self.image_proj = nn.Linear(vision.width, embed_dim, bias=False)
@@ -30,14 +39,27 @@ class DualEncoder(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
         self.pooling = pooling
+        self.retrieval = retrieval  # None registers nothing: state-dict keys stay as before
 
     @property
     def logit_scale(self) -> Tensor:
         return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def encode_image(self, pixels: Tensor, *, tokens: bool = False) -> tuple[Tensor, Tensor | None]:
+    def encode_image(self, pixels: Tensor, *, tokens: bool = False,
+                     refs: References | None = None) -> tuple[Tensor, Tensor | None]:
+        """(image_embeds (B, D), projected trunk features (B, N, D) or None).
+
+        ``refs`` = (ref_image, ref_text, ref_mask) augments the embedding with RA-CLIP's module;
+        without ``refs`` the embedding is the plain one (e.g. evaluation without an index).
+        Passing ``refs`` to a model built without the module (``ra_layers == 0``) is an error.
+        """
         pooled, feats = self.vision(pixels, tokens=tokens)                 # (B, C), (B, N, C)
         emb = F.normalize(self.image_proj(pooled), dim=-1)                  # (B, D)
+        if refs is not None:
+            if self.retrieval is None:
+                raise ValueError("encode_image got refs but the model has no retrieval "
+                                 "augmentation module (set model.ra_layers > 0)")
+            emb = self.retrieval(emb, *refs)                                # (B, D)
         return emb, (self.image_proj(feats) if feats is not None else None)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,16 +72,44 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1), self.text_proj(states)
 
     def forward(self, batch: Mapping[str, Tensor], needs: Collection[str] = ()) -> Outputs:
-        """Computes the fields in ``needs`` (both embeddings and the scale always)."""
+        """Computes the fields in ``needs`` (both embeddings and the scale always).
+
+        Batch columns read: PIXELS, TOKENS, TOKEN_MASK; REF_IMAGE_EMBEDS, REF_TEXT_EMBEDS and
+        REF_MASK when the model has the retrieval module; NN_TOKENS and NN_TOKEN_MASK when
+        ``"nn_text_embeds"`` is needed (-> ``out.extra["nn_text_embeds"]``).
+        """
         want_img_tokens = "image_tokens" in needs
-        img, img_tok = self.encode_image(batch[schema.PIXELS], tokens=want_img_tokens)
+        img, img_tok = self.encode_image(batch[schema.PIXELS], tokens=want_img_tokens,
+                                         refs=self._references(batch))
         txt, txt_tok = self.encode_text(batch[schema.TOKENS], batch[schema.TOKEN_MASK])
         out = Outputs(image_embeds=img, text_embeds=txt, logit_scale=self.logit_scale)
         if want_img_tokens:
             out.image_tokens = img_tok
         if "text_tokens" in needs:
             out.text_tokens, out.text_mask = txt_tok, batch[schema.TOKEN_MASK]
+        if NN_TEXT_EMBEDS in needs:
+            nn_ids, nn_mask = _columns(batch, (schema.NN_TOKENS, schema.NN_TOKEN_MASK),
+                                       "nn_text_embeds (the DeCLIP nearest-neighbour stage)")
+            out.extra[NN_TEXT_EMBEDS] = self.encode_text(nn_ids, nn_mask)[0]  # (B, D)
         return out
+
+    def _references(self, batch: Mapping[str, Tensor]) -> References | None:
+        """The batch's RA-CLIP references when the model has the module, else None."""
+        if self.retrieval is None:
+            return None
+        cols = (schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK)
+        ref_image, ref_text, ref_mask = _columns(batch, cols, "the retrieval augmentation "
+                                                 "module (model.ra_layers > 0)")
+        return ref_image, ref_text, ref_mask
+
+
+def _columns(batch: Mapping[str, Tensor], names: tuple[str, ...], why: str) -> list[Tensor]:
+    """``[batch[n] for n in names]``, or a clear error naming the missing columns."""
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise ValueError(f"batch has no column(s) {missing}, needed by {why}; the batch has "
+                       f"{sorted(batch)}")
+    return [batch[n] for n in names]
 
 
 __all__ = ["DualEncoder"]

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+NN_TEXT_EMBEDS = "nn_text_embeds"
+"""``Outputs.extra`` key (and ``needs`` name): (B, D) normalised embeddings of each row's
+nearest-neighbour caption (``NN_TOKENS``), encoded by the online text tower (DeCLIP NNS)."""
+
 
 @dataclass
 class Outputs:
@@ -32,4 +36,4 @@ class Outputs:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-__all__ = ["Outputs"]
+__all__ = ["NN_TEXT_EMBEDS", "Outputs"]

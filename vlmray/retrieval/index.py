@@ -17,9 +17,9 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import faiss
 import numpy as np
@@ -27,60 +27,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.data.storage import filesystem, join, write_bytes_atomic
+from vlmray.retrieval.config import IndexConfig, Metric
 
 __all__ = ["IndexConfig", "BuiltIndex", "choose_kind", "build_index", "add_shards", "exact_topk",
            "recall_at_k"]
-
-Kind = Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"]
-Metric = Literal["ip", "l2"]
 
 FLAT_MAX_N = 50_000
 """Below this many vectors (and within the memory budget) ``auto`` picks exact search."""
 ADD_CHUNK = 100_000
 """Vectors added to the index per call, so normalised copies stay small."""
+TUNE_K = 10
+"""Neighbours per held-out query when tuning and reporting recall."""
 _MIN_POINTS_PER_CENTROID = 39  # faiss' k-means warns below this
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _FILES = ("index.faiss", "keys.parquet", "report.json")
 
-
-@dataclass(kw_only=True)
-class IndexConfig:
-    """How to build a nearest-neighbour index."""
-
-    kind: Kind = "auto"
-    """Index type; ``auto`` applies :func:`choose_kind`."""
-    metric: Metric = "ip"
-    """``ip``: inner product on L2-normalised vectors (cosine); ``l2``: Euclidean distance."""
-    memory_budget_mb: float = 4096.0
-    """Memory the index may take, in MiB; decides ``auto`` between flat/ivf_flat/ivf_pq."""
-    nlist: int = 0
-    """IVF cells; 0 = about 4*sqrt(N), at most train_sample/39 so k-means is well fed."""
-    nprobe: int = 0
-    """IVF cells visited per query; 0 = the smallest power of two reaching target_recall."""
-    pq_m: int = 0
-    """PQ sub-quantizers (bytes per vector); 0 = the largest divisor of dim <= dim/4."""
-    hnsw_m: int = 32
-    """HNSW graph degree."""
-    train_sample: int = 100_000
-    """Vectors drawn (seeded, without replacement) to train IVF/PQ quantizers."""
-    target_recall: float = 0.95
-    """Recall@10 against exact search that auto-tuning aims for."""
-    seed: int = 0
-    """Seed for the training sample and the held-out tuning queries."""
-
-    def __post_init__(self) -> None:
-        for name, choices in (("kind", get_args(Kind)), ("metric", get_args(Metric))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {choices}")
-        for name in ("nlist", "nprobe", "pq_m"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = auto), got {getattr(self, name)}")
-        if self.memory_budget_mb <= 0:
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
-        if self.hnsw_m < 2 or self.train_sample < 1:
-            raise ValueError("hnsw_m must be >= 2 and train_sample >= 1")
-        if not 0.0 < self.target_recall <= 1.0:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
 
 def choose_kind(n: int, dim: int, cfg: IndexConfig) -> str:
@@ -183,21 +144,14 @@ def build_index(vectors: np.ndarray, keys: Sequence[str], cfg: IndexConfig, *,
     t0 = time.perf_counter()
     kind = choose_kind(n, dim, cfg)
     rng = np.random.default_rng(cfg.seed)
-    sample = _prepare(vectors[np.sort(rng.permutation(n)[:min(cfg.train_sample, n)])], cfg.metric)
-    cpu_index, params = _factory(kind, n, dim, len(sample), cfg)
-    index = _to_device(cpu_index, kind)
-    index.train(sample)
-    del sample
+    index, params = _train(kind, n, dim, vectors.__getitem__, cfg, rng)
     built = BuiltIndex(index=index, keys=np.empty(0, dtype=object), cfg=cfg)
     add_shards(built, [(vectors, keys)])
-    queries = _holdout_queries(vectors, queries_holdout, rng, cfg.metric)
-    tuned, recall = _tune(built.index, kind, _prepare(vectors, cfg.metric), queries, cfg, params)
-    built.report = {"kind": kind, "metric": cfg.metric, "n": n, "dim": dim, **params, **tuned,
-                    "build_s": round(time.perf_counter() - t0, 3), "recall_at_10": recall,
-                    "target_recall": cfg.target_recall,
-                    "target_reached": recall >= cfg.target_recall,
-                    "bytes": len(_serialize(built.index)), "gpus": faiss.get_num_gpus()}
-    return built
+    queries = _holdout_queries(vectors.__getitem__, n, queries_holdout, rng, cfg.metric)
+    exact = None
+    if kind != "flat":
+        exact = exact_topk(_prepare(vectors, cfg.metric), queries, TUNE_K, cfg.metric)[1]
+    return _tune_and_report(built, kind, params, queries, exact, t0)
 
 
 def add_shards(built: BuiltIndex,
@@ -284,28 +238,53 @@ def _set_param(index: Any, name: str, value: int) -> None:
     space.set_index_parameter(index, name, int(value))
 
 
-def _holdout_queries(vectors: np.ndarray, count: int, rng: np.random.Generator,
-                     metric: Metric) -> np.ndarray:
-    """``count`` seeded data rows plus Gaussian noise of ~5% of their norm, prepared."""
-    rows = vectors[rng.choice(len(vectors), size=min(count, len(vectors)), replace=False)]
+def _holdout_queries(take: Callable[[np.ndarray], np.ndarray], n: int, count: int,
+                     rng: np.random.Generator, metric: Metric) -> np.ndarray:
+    """``count`` seeded data rows (``take(ids)`` returns rows by position) plus Gaussian noise
+    of ~5% of their norm, prepared."""
+    rows = take(rng.choice(n, size=min(count, n), replace=False))
     scale = 0.05 * np.linalg.norm(rows, axis=1, keepdims=True) / math.sqrt(rows.shape[1])
     noise = rng.standard_normal(rows.shape, dtype=np.float32) * scale
     return _prepare(rows + noise, metric)
 
 
-def _tune(index: Any, kind: str, base: np.ndarray, queries: np.ndarray, cfg: IndexConfig,
-          params: dict[str, int], k: int = 10) -> tuple[dict[str, int], float]:
+def _train(kind: str, n: int, dim: int, take: Callable[[np.ndarray], np.ndarray],
+           cfg: IndexConfig, rng: np.random.Generator) -> tuple[Any, dict[str, int]]:
+    """An empty index of ``kind`` (on the GPUs if any), trained on a seeded sample of
+    ``cfg.train_sample`` of the ``n`` rows (``take(sorted ids)`` returns them)."""
+    sample = _prepare(take(np.sort(rng.permutation(n)[:min(cfg.train_sample, n)])), cfg.metric)
+    cpu_index, params = _factory(kind, n, dim, len(sample), cfg)
+    index = _to_device(cpu_index, kind)
+    index.train(sample)
+    return index, params
+
+
+def _tune_and_report(built: BuiltIndex, kind: str, params: dict[str, int], queries: np.ndarray,
+                     exact: np.ndarray | None, t0: float) -> BuiltIndex:
+    """Tunes ``built`` against ``exact`` top-``TUNE_K`` ids (None for flat) and fills its
+    report."""
+    cfg = built.cfg
+    tuned, recall = _tune(built.index, kind, exact, queries, cfg, params)
+    built.report = {"kind": kind, "metric": cfg.metric, "n": int(built.index.ntotal),
+                    "dim": int(built.index.d), **params, **tuned,
+                    "build_s": round(time.perf_counter() - t0, 3), "recall_at_10": recall,
+                    "target_recall": cfg.target_recall,
+                    "target_reached": recall >= cfg.target_recall,
+                    "bytes": len(_serialize(built.index)), "gpus": faiss.get_num_gpus()}
+    return built
+
+
+def _tune(index: Any, kind: str, exact: np.ndarray | None, queries: np.ndarray,
+          cfg: IndexConfig, params: dict[str, int]) -> tuple[dict[str, int], float]:
     """Double ``nprobe`` (IVF) or ``efSearch`` (HNSW) until recall@k reaches the target.
 
     "Reaches" means the mean recall minus two standard errors over the held-out queries, so
     fresh queries meet the target too. Returns the setting and its mean recall; stops early
     when two doublings in a row gain < 0.001 recall (PQ's compressed distances cap it).
-    Flat is exact: ``({}, 1.0)`` without a search.
+    Flat is exact: ``({}, 1.0)`` without a search. ``exact``: the true top-``TUNE_K`` ids.
     """
-    if kind == "flat":
+    if kind == "flat" or exact is None:
         return {}, 1.0
-    _, exact = exact_topk(base, queries, k, cfg.metric)
-    del base
     if kind == "hnsw":
         name, ladder = "efSearch", [16 << i for i in range(9)]  # 16 .. 4096
     else:
@@ -315,7 +294,7 @@ def _tune(index: Any, kind: str, base: np.ndarray, queries: np.ndarray, cfg: Ind
     gains, recall, value = [], 0.0, ladder[0]
     for value in ladder:
         _set_param(index, name, value)
-        approx = index.search(queries, k)[1]
+        approx = index.search(queries, TUNE_K)[1]
         previous, recall = recall, recall_at_k(approx, exact)
         gains.append(recall - previous)
         if _recall_lower_bound(approx, exact) >= cfg.target_recall:

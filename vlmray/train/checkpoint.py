@@ -29,21 +29,30 @@ class Progress:
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: Progress, config: dict) -> Path:
+                    scheduler: Any, progress: Progress, config: dict,
+                    objectives: nn.Module | None = None) -> Path:
+    """``objectives``: the objective mix, whose state (e.g. DeCLIP's feature queue) is saved
+    when it has any."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "progress": asdict(progress)}, path / STATE)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "progress": asdict(progress)}
+    if objectives is not None and objectives.state_dict():
+        state["objectives"] = objectives.state_dict()
+    torch.save(state, path / STATE)
     (path / CONFIG).write_text(json.dumps(config, indent=1))
     (path / PROGRESS).write_text(json.dumps(asdict(progress)))
     return path
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None) -> Progress:
+def load_checkpoint(path: str | Path, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    objectives: nn.Module | None = None) -> Progress:
     """Restores what is given in place; returns the saved progress."""
     state = torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
+    if objectives is not None and "objectives" in state:
+        objectives.load_state_dict(state["objectives"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

@@ -91,7 +91,8 @@ def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dis
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, model=state.core, optimizer=state.optimizer,
-                        scheduler=state.scheduler, progress=state.progress, config=cfg_dict)
+                        scheduler=state.scheduler, progress=state.progress, config=cfg_dict,
+                        objectives=state.mix)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -127,7 +128,7 @@ def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
     ckpt, source = max(found, key=lambda cs: _checkpoint_step(cs[0]))
     with ckpt.as_directory() as d:
         state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
-                                         scheduler=state.scheduler)
+                                         scheduler=state.scheduler, objectives=state.mix)
     return source
 
 
@@ -148,8 +149,8 @@ def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:
 
 def train_fn_per_worker(config: dict) -> None:
     """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str,
-    "eval_uri": str, "resume_from": str | None, "launch": str}`` (``launch`` tags this driver
-    run's ``"start"`` events)."""
+    "eval_uri": str, "resume_from": str | None, "launch": str, "eval_refs": str}`` (``launch``
+    tags this driver run's ``"start"`` events; ``eval_refs`` is RA-CLIP's held-out references)."""
     cfg = Config.from_dict(config["cfg"])
     _set_threads(cfg)
     device = ray.train.torch.get_device()
@@ -162,7 +163,8 @@ def train_fn_per_worker(config: dict) -> None:
     history = History(config["run_dir"], enabled=dist.is_main, resume_step=state.progress.step)
     if state.progress.step >= cfg.train.steps:
         return  # restored from a checkpoint that already reached train.steps
-    evaluator = state.evaluator(config["eval_uri"]) if dist.is_main else None
+    evaluator = (state.evaluator(config["eval_uri"], config.get("eval_refs", ""))
+                 if dist.is_main else None)
     shard = ray.train.get_dataset_shard("train")
     local_bs = cfg.train.batch_size // dist.world_size
     t_last, wait, steps_in_window = time.perf_counter(), 0.0, 0

@@ -29,13 +29,17 @@ class TrainState:
     grad_clip: float
     progress: Progress = field(default_factory=Progress)
 
-    def evaluator(self, eval_uri: str) -> Callable[[DualEncoder], dict[str, float]] | None:
-        """A function scoring a model on the held-out split (loaded once), or None without one."""
+    def evaluator(self, eval_uri: str,
+                  eval_refs: str = "") -> Callable[[DualEncoder], dict[str, float]] | None:
+        """A function scoring a model on the held-out split (loaded once), or None without one.
+        ``eval_refs``: the held-out images' RA-CLIP references (a parquet file), if any."""
         if not eval_uri:
             return None
         tok = tokenizer_for(self.cfg.data)
         data = load_heldout(eval_uri, decode_spec(self.cfg.data), tok,
                             max_samples=self.cfg.eval.max_samples)
+        if eval_refs:
+            data = data.with_refs(eval_refs)
         return lambda model: evaluate(model, data, tok, batch_size=self.cfg.eval.batch_size)
 
 

@@ -31,7 +31,8 @@ def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ra
 
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_uri: str,
-                  resume_from: str | None = None, launch: str = "") -> TorchTrainer:
+                  resume_from: str | None = None, launch: str = "",
+                  eval_refs: str = "") -> TorchTrainer:
     """The run's ``TorchTrainer``: ``resume_from`` is a checkpoint directory (path or URI) to
     start from when Ray Train has none of its own; ``launch`` tags this driver run's events."""
     scaling = scaling_for(cfg.train)
@@ -49,7 +50,8 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri,
-                           "resume_from": resume_from, "launch": launch},
+                           "resume_from": resume_from, "launch": launch,
+                           "eval_refs": eval_refs},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
     )

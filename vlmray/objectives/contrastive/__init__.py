@@ -1,5 +1,6 @@
 """Contrastive objectives: CLIP's InfoNCE and its relatives. Importing registers them."""
 
 from vlmray.objectives.contrastive.clip import ClipLoss
+from vlmray.objectives.contrastive.declip_nns import DeclipNNSLoss
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "DeclipNNSLoss"]

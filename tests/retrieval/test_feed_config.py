@@ -1,0 +1,110 @@
+"""``data.retrieval`` without Ray: config checks before any work, the reference split's
+accounting, and the DeCLIP queue surviving a checkpoint.
+
+    pytest tests/retrieval/test_feed_config.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmray.config import ConfigError, validate
+from vlmray.data import schema
+from vlmray.distributed import Dist
+from vlmray.models.outputs import Outputs
+from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.recipes import recipe
+from vlmray.retrieval.config import RetrievalConfig
+from vlmray.retrieval.feed import split_stage
+from vlmray.retrieval.split import OUTSIDE_SUBSET
+from vlmray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"attach": "nearest"}, "valid choices"),
+    ({"attach": "references"}, "reference_fraction > 0"),
+    ({"reference_fraction": 1.0}, "[0, 1)"),
+    ({"k": 0}, ">= 1"),
+    ({"attach": "references", "reference_fraction": 0.2, "embedder": "minilm"}, "text only"),
+    ({"embedder": "bootstrap"}, "reference_fraction > 0"),
+])
+def test_bad_retrieval_settings_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        RetrievalConfig(**kwargs)
+
+
+def test_defaults_pick_the_embedder_and_modality_per_method() -> None:
+    ra = RetrievalConfig(attach="references", reference_fraction=0.2)
+    nns = RetrievalConfig(attach="neighbour_text")
+    assert (ra.resolved_embedder, ra.modality) == ("bootstrap", "image")
+    assert (nns.resolved_embedder, nns.modality) == ("minilm", "text")
+    assert not RetrievalConfig().enabled
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.ra_layers": "1"}, "go together"),                               # module, no refs
+    ({"data.retrieval.attach": "references", "data.retrieval.reference_fraction": "0.2"},
+     "go together"),                                                          # refs, no module
+    ({"objectives": '[{"name": "declip_nns", "params": {"source": "index"}}]'},
+     "attach='neighbour_text'"),
+])
+def test_consumers_and_retrieval_must_agree_before_any_work(overrides: dict,
+                                                            message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(recipe("clip_tiny", **overrides))
+
+
+def test_recipes_validate_and_fill_the_reference_width_later() -> None:
+    ra = validate(recipe("raclip_tiny"))
+    assert ra.model.ra_layers > 0 and ra.model.ra_ref_dim == 0
+    nns = validate(recipe("declip_nns_tiny"))
+    assert {s.name for s in nns.objectives} == {"clip", "declip_nns"}
+    queue = recipe("declip_nns_tiny", **{
+        "objectives": '[{"name": "clip"}, {"name": "declip_nns", "params": {"source": "queue"}}]',
+        "data.retrieval.attach": "none"})
+    validate(queue)                                    # the online queue needs no index
+
+
+def test_split_stage_accounts_for_every_row_on_both_sides() -> None:
+    keys = np.array([f"k{i:05d}" for i in range(4000)], dtype=object)
+    batch = {schema.KEY: keys, schema.TEXT: keys.copy()}
+    cfg = RetrievalConfig(reference_fraction=0.25, split_seed=3)
+    rest = split_stage(cfg)(batch)
+    boot = split_stage(RetrievalConfig(reference_fraction=0.25, split_seed=3,
+                                       train_on="reference"))(batch)
+    held = rest[schema.REJECT_REASON] == OUTSIDE_SUBSET
+    assert 0.22 < held.mean() < 0.28
+    assert set(rest[schema.REJECT_REASON][~held]) == {""}
+    # the bootstrap run trains on exactly the rows the main run holds out
+    assert ((boot[schema.REJECT_REASON] == "") == held).all()
+    assert set(boot[schema.REJECT_REASON][~held]) == {OUTSIDE_SUBSET}
+    again = split_stage(cfg)(batch)                    # stable across calls and processes
+    assert (again[schema.REJECT_REASON] == rest[schema.REJECT_REASON]).all()
+    assert split_stage(RetrievalConfig(attach="neighbour_text")) is None   # no split: no stage
+
+
+def test_declip_queue_is_saved_and_restored_with_the_checkpoint(tmp_path: Path) -> None:
+    def mix() -> ObjectiveMix:
+        return ObjectiveMix.from_specs([ObjectiveSpec(name="declip_nns",
+                                                      params={"queue_size": 16})])
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    first = mix()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        emb = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+        first({}, Outputs(image_embeds=emb, text_embeds=emb.flip(0),
+                          logit_scale=torch.tensor(10.0)), Dist.current())
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched,
+                           progress=Progress(step=3), config={}, objectives=first)
+    second = mix()
+    load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, objectives=second)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert int(second.state_dict()["objectives.declip_nns.queue_count"]) == 12

@@ -1,0 +1,198 @@
+"""Retrieval for a training run: build (or reuse) the index, then the Ray Data stages that give
+every training row its neighbours.
+
+    plan = prepare(cfg, train_uri, eval_uri, run_dir)        # driver, before ingest
+    ingest = run_ingest(cfg.data, train_uri, retrieval=plan.stages)
+    trainer = build_trainer(plan.config, ..., eval_refs=plan.eval_refs)
+
+The stages are: split (RA-CLIP's reference rows leave training as ``outside_subset``)
+-> embed each row with the frozen embedder -> top-k search, skipping the row itself and its
+near-duplicates -> attach what the recipe needs (reference embeddings, or the neighbour's
+caption). The embedder is named in ``data.retrieval.embedder``; ``bootstrap`` first trains a
+short CLIP on the reference split (rows the main run never trains on).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlmray.data import schema
+from vlmray.data.curation.stage import Stage
+from vlmray.data.storage import filesystem, join
+from vlmray.retrieval.config import BOOTSTRAP, RetrievalConfig
+from vlmray.retrieval.split import SubsetStage
+
+if TYPE_CHECKING:
+    from vlmray.config import Config
+
+@dataclass
+class RetrievalPlan:
+    """What :func:`prepare` built: the run's config (``model.ra_ref_dim`` filled in), the
+    ingest stages, and where the index and the held-out references are."""
+
+    config: Config
+    stages: list[Stage] = field(default_factory=list)
+    index_dir: str = ""
+    embedder: str = ""
+    eval_refs: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_stage(r: RetrievalConfig) -> SubsetStage | None:
+    """The reference split for a run (None without one): the main run keeps the rows outside
+    the reference set, the bootstrap run only those inside it."""
+    if r.reference_fraction <= 0:
+        return None
+    side = "train" if r.train_on == "rest" else "reference"
+    return SubsetStage(side, r.reference_fraction, r.split_seed)
+
+
+def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> RetrievalPlan:
+    """Resolves the embedder (bootstrapping it if asked), builds or reuses the index, and
+    returns the stages ingest runs. Needs Ray initialised. A split without retrieval (the
+    bootstrap run itself) gets just the split stage."""
+    r = cfg.data.retrieval
+    plan = RetrievalPlan(config=cfg)
+    if (split := split_stage(r)) is not None:
+        plan.stages.append(split)
+    if not r.enabled:
+        return plan
+    plan.embedder = r.resolved_embedder
+    if plan.embedder == BOOTSTRAP:
+        plan.embedder = bootstrap_embedder(cfg, run_dir)
+    plan.index_dir = r.index_dir or join(run_dir, "retrieval")
+    if not r.index_dir:
+        plan.stats = _build(cfg, train_uri, plan.embedder, plan.index_dir)
+    plan.stages += _neighbour_stages(r, plan.embedder, plan.index_dir)
+    if r.attach == "references":
+        dim = _index_dim(plan.index_dir, r.modality)
+        plan.config = _with_ref_dim(cfg, dim)
+        if eval_uri:
+            plan.eval_refs = join(plan.index_dir, "eval_refs.parquet")
+            write_eval_refs(eval_uri, plan.stages[-3:], plan.eval_refs,
+                            max_samples=cfg.eval.max_samples)
+    return plan
+
+
+def _neighbour_stages(r: RetrievalConfig, embedder: str, index_dir: str) -> list[Stage]:
+    from vlmray.retrieval.embed import EmbedConfig, EmbedStage
+    from vlmray.retrieval.search import (
+        AttachConfig,
+        AttachNeighbours,
+        SearchConfig,
+        SearchStage,
+    )
+
+    query = schema.IMAGE_EMBED if r.modality == "image" else schema.TEXT_EMBED
+    # Fractional CPUs: the three actor pools together hold one core, so read and decode tasks
+    # keep the other even on a 2-core machine (whole-core actors would starve them).
+    return [
+        EmbedStage(EmbedConfig(model=embedder, modality=r.modality, num_cpus=0.5)),
+        SearchStage(SearchConfig(index=join(index_dir, "index", r.modality), query_column=query,
+                                 k=r.k, duplicate_threshold=r.duplicate_threshold,
+                                 num_cpus=0.25)),
+        AttachNeighbours(AttachConfig(table=join(index_dir, "embeddings"), k=r.k,
+                                      references=r.attach == "references",
+                                      neighbour_text=r.attach == "neighbour_text",
+                                      num_cpus=0.25)),
+    ]
+
+
+def _build(cfg: Config, train_uri: str, embedder: str, out: str) -> dict[str, Any]:
+    """Embeds the rows to index (the reference split, or all training rows) and builds the
+    index into ``out``; an ``out`` holding a finished build (``stats.json``) is reused."""
+    import json
+
+    from vlmray.retrieval.pipeline import IndexJobConfig
+    from vlmray.retrieval.pipeline import run as run_index_job
+
+    fs, path = filesystem(join(out, "stats.json"))
+    if fs.exists(path):
+        return json.loads(fs.cat_file(path))
+    r = cfg.data.retrieval
+    from vlmray.retrieval.embed import EmbedConfig
+
+    modality = "both" if r.attach == "references" else "text"
+    job = IndexJobConfig(input=train_uri, output=out, embed=EmbedConfig(model=embedder,
+                         modality=modality), index=r.index,
+                         subset="reference" if r.reference_fraction > 0 else "all",
+                         reference_fraction=r.reference_fraction, split_seed=r.split_seed)
+    return run_index_job(job)
+
+
+def _index_dim(index_dir: str, modality: str) -> int:
+    import json
+
+    fs, path = filesystem(join(index_dir, "index", modality, "report.json"))
+    return int(json.loads(fs.cat_file(path))["report"]["dim"])
+
+
+def _with_ref_dim(cfg: Config, dim: int) -> Config:
+    from vlmray.config import ConfigError
+
+    model = cfg.model
+    if model.ra_ref_dim and model.ra_ref_dim != dim:
+        raise ConfigError(f"model.ra_ref_dim={model.ra_ref_dim} but the index holds {dim}-d "
+                          f"vectors; set it to {dim} or 0 (taken from the index)")
+    out = copy.deepcopy(cfg)
+    out.model.ra_ref_dim = dim
+    return out
+
+
+def bootstrap_embedder(cfg: Config, run_dir: str) -> str:
+    """Trains plain CLIP for ``bootstrap_steps`` on the reference split (the same model and
+    data settings, no retrieval) into ``<run>/retrieval/bootstrap``; returns that run dir. A
+    finished bootstrap run there is reused."""
+    from vlmray.api import run
+    from vlmray.config import ObjectiveSpec
+    from vlmray.train.checkpoint import find_latest
+
+    out = join(run_dir, "retrieval", "bootstrap")
+    fs, metrics = filesystem(join(out, "metrics.json"))
+    if fs.exists(metrics) and find_latest(join(out, "ray")):
+        return out
+    started = fs.exists(filesystem(join(out, "config.json"))[1])
+    r = cfg.data.retrieval
+    boot = copy.deepcopy(cfg)
+    boot.recipe = f"{cfg.recipe or 'run'}:bootstrap"
+    boot.objectives = [ObjectiveSpec(name="clip")]
+    boot.model.ra_layers, boot.model.ra_ref_dim = 0, 0
+    boot.data.retrieval = RetrievalConfig(reference_fraction=r.reference_fraction,
+                                          split_seed=r.split_seed, train_on="reference")
+    if cfg.data.source == "builtin":
+        boot.data.source = join(run_dir, "data")
+    boot.train.steps = r.bootstrap_steps
+    boot.train.checkpoint_every, boot.eval.every = 0, 0
+    boot.train.warmup_steps = min(boot.train.warmup_steps, max(1, r.bootstrap_steps // 10))
+    run(boot, output=out, resume=started)
+    return out
+
+
+def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples: int) -> None:
+    """Runs the embed -> search -> attach stages in-process over the held-out rows that
+    evaluation reads, writing KEY and the reference columns to the parquet file ``out``."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlmray.data.shards import iter_shards
+    from vlmray.data.storage import arrow_filesystem
+
+    rows = list(itertools.islice(iter_shards(eval_uri), max_samples))
+    batch = {c: np.asarray([row.get(c) for row in rows], dtype=object)
+             for c in (schema.KEY, schema.IMAGE, schema.TEXT)}
+    for stage in stages:
+        batch = stage(batch)
+    columns = {schema.KEY: pa.array([str(k) for k in batch[schema.KEY]], pa.string())}
+    for name in (schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK):
+        columns[name] = pa.array([np.asarray(v, np.float32).tolist() for v in batch[name]])
+    fs, path = arrow_filesystem(out)
+    pq.write_table(pa.table(columns), path, filesystem=fs)
+
+
+__all__ = ["RetrievalPlan", "bootstrap_embedder", "prepare", "split_stage", "write_eval_refs"]
