@@ -123,7 +123,7 @@ def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
     if plan.config is not cfg:
         write_json(join(run_dir, "config.json"), plan.config.to_dict())
     if plan.stats:
-        print(f"[vlmray] retrieval index: {_index_summary(plan.stats)}", flush=True)
+        print(f"[vlmray] retrieval: {_index_summary(plan.stats)}", flush=True)
     return plan
 
 
@@ -132,6 +132,8 @@ def _index_summary(stats: dict[str, Any]) -> str:
     for name, rep in stats.get("indexes", {}).items():
         parts.append(f"{name}: {rep.get('kind')} n={rep.get('n')} dim={rep.get('dim')} "
                      f"recall@10={rep.get('recall_at_10')}")
+    if "eval_references_per_row" in stats:
+        parts.append(f"held-out references per image {stats['eval_references_per_row']:.2f}")
     return "; ".join(parts) or str(stats)
 
 

@@ -90,7 +90,8 @@ class RetrievalConfig:
     into ``<run>/retrieval``."""
     duplicate_threshold: float = 0.95
     """Neighbours whose cosine with the query is at least this count as near-duplicates of the
-    row and are skipped."""
+    row and are skipped (the row itself always is); above 1 turns the check off. Set it for
+    the embedder: a coarse one puts whole classes above 0.95."""
     index: IndexConfig = field(default_factory=IndexConfig)
     """How the index is built (kind chosen from size and memory budget unless named)."""
 

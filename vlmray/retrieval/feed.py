@@ -73,8 +73,14 @@ def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Retriev
         plan.config = _with_ref_dim(cfg, dim)
         if eval_uri:
             plan.eval_refs = join(plan.index_dir, "eval_refs.parquet")
-            write_eval_refs(eval_uri, plan.stages[-3:], plan.eval_refs,
-                            max_samples=cfg.eval.max_samples)
+            coverage = write_eval_refs(eval_uri, plan.stages[-3:], plan.eval_refs,
+                                       max_samples=cfg.eval.max_samples)
+            plan.stats = {**plan.stats, "eval_references_per_row": coverage}
+            if coverage < 0.5 * r.k:
+                print(f"[vlmray] warning: held-out images found {coverage:.2f} of "
+                      f"data.retrieval.k={r.k} references on average; neighbours at cosine >= "
+                      f"data.retrieval.duplicate_threshold={r.duplicate_threshold} count as "
+                      f"duplicates and are skipped (raise it for a coarse embedder)", flush=True)
     return plan
 
 
@@ -172,9 +178,10 @@ def bootstrap_embedder(cfg: Config, run_dir: str) -> str:
     return out
 
 
-def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples: int) -> None:
+def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples: int) -> float:
     """Runs the embed -> search -> attach stages in-process over the held-out rows that
-    evaluation reads, writing KEY and the reference columns to the parquet file ``out``."""
+    evaluation reads, writing KEY and the reference columns to the parquet file ``out``.
+    Returns the mean number of references found per row."""
     import itertools
 
     import pyarrow as pa
@@ -193,6 +200,7 @@ def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples
         columns[name] = pa.array([np.asarray(v, np.float32).tolist() for v in batch[name]])
     fs, path = arrow_filesystem(out)
     pq.write_table(pa.table(columns), path, filesystem=fs)
+    return float(np.asarray(batch[schema.REF_MASK], np.float32).sum(axis=1).mean())
 
 
 __all__ = ["RetrievalPlan", "bootstrap_embedder", "prepare", "split_stage", "write_eval_refs"]
