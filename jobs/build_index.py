@@ -13,35 +13,18 @@ embedded, rejected with a reason, or outside the chosen --subset, and the job ch
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
 
 from pipelines.index import IndexJobConfig  # noqa: E402
-from vlmray.cli import add_field_flags, fail  # noqa: E402
-from vlmray.config import (  # noqa: E402
-    ConfigError,
-    apply_overrides,
-    field_paths,
-    unknown_field_message,
-)
+from vlmray.cli import fail, parse_job_config  # noqa: E402
+from vlmray.config import ConfigError  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> IndexJobConfig:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_field_flags(parser.add_argument_group("settings"), IndexJobConfig(), show_defaults=True)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0].lstrip("-").split("=")[0]
-        parser.error(unknown_field_message(flag, sorted(field_paths(IndexJobConfig()))))
-    try:
-        return apply_overrides(IndexJobConfig(), vars(args))
-    except (ConfigError, ValueError) as e:
-        parser.error(str(e))
-        raise
+    return parse_job_config(argv, IndexJobConfig(), description=__doc__, group="settings")
 
 
 def main(argv: list[str] | None = None) -> int:

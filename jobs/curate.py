@@ -13,37 +13,20 @@ an interruption reuses finished work and skips shards already written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
 
-from vlmray.cli import add_field_flags, fail  # noqa: E402
-from vlmray.config import (  # noqa: E402
-    ConfigError,
-    apply_overrides,
-    field_paths,
-    unknown_field_message,
-)
+from vlmray.cli import fail, parse_job_config  # noqa: E402
+from vlmray.config import ConfigError  # noqa: E402
 from vlmray.data.curation.config import CurateJobConfig  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> CurateJobConfig:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_field_flags(parser.add_argument_group("settings (stage groups in plan order)"),
-                    CurateJobConfig(), show_defaults=True)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0].lstrip("-").split("=")[0]
-        parser.error(unknown_field_message(flag, sorted(field_paths(CurateJobConfig()))))
-    try:
-        return apply_overrides(CurateJobConfig(), vars(args))
-    except (ConfigError, ValueError) as e:
-        parser.error(str(e))
-        raise
+    return parse_job_config(argv, CurateJobConfig(), description=__doc__,
+                            group="settings (stage groups in plan order)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from vlmray.config import (
     Config,
     ConfigError,
+    apply_overrides,
     field_paths,
     unknown_field_message,
 )
@@ -98,6 +99,25 @@ def parse_config(argv: list[str] | None, description: str) -> tuple[argparse.Nam
     except (ConfigError, KeyError) as e:
         parser.error(str(e))
     return args, cfg
+
+
+def parse_job_config(argv: list[str] | None, defaults: Any, *, description: str,
+                     group: str = "settings") -> Any:
+    """A job script's flags: one ``--dotted.name`` per field of the ``defaults`` dataclass
+    (documented, defaults shown); an unknown flag fails naming the valid ones; returns
+    ``defaults`` with the given fields replaced (and the dataclasses' own checks run)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_field_flags(parser.add_argument_group(group), defaults, show_defaults=True)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].lstrip("-").split("=")[0]
+        parser.error(unknown_field_message(flag, sorted(field_paths(defaults))))
+    try:
+        return apply_overrides(defaults, vars(args))
+    except (ConfigError, ValueError) as e:
+        parser.error(str(e))
+        raise
 
 
 def fail(message: str) -> None:

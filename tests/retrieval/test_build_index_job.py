@@ -12,19 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobs.build_index import main
 from pipelines.index import IndexJobConfig, load_built, run
-from vlmray.config import Config, field_paths
+from tests.tiny_checkpoint import save_tiny_checkpoint
+from vlmray.config import field_paths
 from vlmray.data import schema
 from vlmray.data.storage import filesystem, join
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.retrieval.embed import EmbedConfig, read_embedding_table, read_embeddings
 from vlmray.retrieval.index import IndexConfig
 from vlmray.retrieval.split import reference_mask
-from vlmray.train.checkpoint import Progress, save_checkpoint
-from vlmray.train.state import build_core_model
 
 SYN = SyntheticConfig(num_train=240, num_eval=8, shard_size=80, corrupt_frac=0.05,
                       near_dup_frac=0.0, mismatch_frac=0.0, junk_frac=0.0, overlong_frac=0.0)
@@ -37,16 +35,9 @@ def _s3_before_ray(s3_server: str) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> str:
-    """A run directory with one checkpoint of a tiny, randomly initialised model."""
-    cfg = Config()
-    torch.manual_seed(0)
-    model = build_core_model(cfg).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    run_ = tmp_path_factory.mktemp("run")
-    save_checkpoint(run_ / "ray" / "checkpoint_000001", model=model, optimizer=opt,
-                    scheduler=sched, progress=Progress(step=1), config=cfg.to_dict())
-    return str(run_)
+    run = tmp_path_factory.mktemp("run")
+    save_tiny_checkpoint(run)
+    return str(run)
 
 
 @pytest.fixture(scope="module")

