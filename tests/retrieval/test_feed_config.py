@@ -6,6 +6,7 @@ accounting, and the DeCLIP queue surviving a checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,24 @@ def test_declip_queue_is_saved_and_restored_with_the_checkpoint(tmp_path: Path) 
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert int(second.state_dict()["objectives.declip_nns.queue_count"]) == 12
+
+
+def test_a_reused_index_must_match_the_run(tmp_path: Path) -> None:
+    from vlmray.retrieval.feed import _reused_embedder
+
+    def built(**job) -> str:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        root.mkdir()
+        config = {"embed": {"model": "runs/clip"}, "subset": "reference",
+                  "reference_fraction": 0.2, "split_seed": 0, **job}
+        (root / "stats.json").write_text(json.dumps({"config": config}))
+        return str(root)
+
+    ra = {"attach": "references", "reference_fraction": 0.2}
+    assert _reused_embedder(RetrievalConfig(**ra, index_dir=built())) == "runs/clip"
+    with pytest.raises(ConfigError, match="built with 'runs/clip'"):
+        _reused_embedder(RetrievalConfig(**ra, index_dir=built(), embedder="runs/other"))
+    with pytest.raises(ConfigError, match="not this run's reference set"):
+        _reused_embedder(RetrievalConfig(**ra, index_dir=built(reference_fraction=0.1)))
+    with pytest.raises(ConfigError, match="no finished"):
+        _reused_embedder(RetrievalConfig(**ra, index_dir=str(tmp_path / "missing")))

@@ -61,11 +61,13 @@ def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Retriev
         plan.stages.append(split)
     if not r.enabled:
         return plan
-    plan.embedder = r.resolved_embedder
-    if plan.embedder == BOOTSTRAP:
-        plan.embedder = bootstrap_embedder(cfg, run_dir)
-    plan.index_dir = r.index_dir or join(run_dir, "retrieval")
-    if not r.index_dir:
+    if r.index_dir:
+        plan.index_dir, plan.embedder = r.index_dir, _reused_embedder(r)
+    else:
+        plan.embedder = r.resolved_embedder
+        if plan.embedder == BOOTSTRAP:
+            plan.embedder = bootstrap_embedder(cfg, run_dir)
+        plan.index_dir = join(run_dir, "retrieval")
         plan.stats = _build(cfg, train_uri, plan.embedder, plan.index_dir)
     plan.stages += _neighbour_stages(r, plan.embedder, plan.index_dir)
     if r.attach == "references":
@@ -82,6 +84,32 @@ def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Retriev
                       f"data.retrieval.duplicate_threshold={r.duplicate_threshold} count as "
                       f"duplicates and are skipped (raise it for a coarse embedder)", flush=True)
     return plan
+
+
+def _reused_embedder(r: RetrievalConfig) -> str:
+    """The embedder of the ``jobs/build_index.py`` output named in ``data.retrieval.index_dir``
+    (queries must be embedded by the same model), after checking it fits this run."""
+    import json
+
+    from vlmray.config import ConfigError
+
+    fs, path = filesystem(join(r.index_dir, "stats.json"))
+    if not fs.exists(path):
+        raise ConfigError(f"data.retrieval.index_dir {r.index_dir!r} holds no finished "
+                          f"jobs/build_index.py output (stats.json)")
+    job = json.loads(fs.cat_file(path))["config"]
+    built_with = job["embed"]["model"]
+    if r.embedder and r.embedder != built_with:
+        raise ConfigError(f"data.retrieval.embedder={r.embedder!r} but the index at "
+                          f"{r.index_dir!r} was built with {built_with!r}")
+    if r.reference_fraction > 0 and (job["subset"], job["reference_fraction"],
+                                     job["split_seed"]) != ("reference", r.reference_fraction,
+                                                            r.split_seed):
+        raise ConfigError(f"the index at {r.index_dir!r} is not this run's reference set "
+                          f"(subset={job['subset']!r}, reference_fraction="
+                          f"{job['reference_fraction']}, split_seed={job['split_seed']}); "
+                          f"build it with --subset reference and the same fraction and seed")
+    return built_with
 
 
 def _neighbour_stages(r: RetrievalConfig, embedder: str, index_dir: str) -> list[Stage]:
