@@ -74,6 +74,17 @@ def declip_nns_tiny() -> Config:
     )
 
 
+@RECIPES.register("filip_tiny")
+def filip_tiny() -> Config:
+    """FILIP (Yao et al., 2021) on the built-in data with clip_tiny's towers: token-wise late
+    interaction (each patch's best word, each word's best patch) beside CLIP's pooled InfoNCE.
+    FILIP's loss drops the CLS token, and zero-shot eval and retrieval score the pooled
+    embeddings, so the CLIP term keeps them trained."""
+    return Config(recipe="filip_tiny",
+                  objectives=[ObjectiveSpec(name="filip", weight=0.5),
+                              ObjectiveSpec(name="clip", weight=0.5)])
+
+
 def recipe(name: str, **overrides: Any) -> Config:
     """The named recipe's config with dotted overrides (``**{"train.steps": 100}``) applied."""
     cfg = RECIPES.get(name)()

@@ -2,5 +2,6 @@
 
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.declip_nns import DeclipNNSLoss
+from vlmray.objectives.contrastive.filip import FilipLoss
 
-__all__ = ["ClipLoss", "DeclipNNSLoss"]
+__all__ = ["ClipLoss", "DeclipNNSLoss", "FilipLoss"]
