@@ -85,6 +85,30 @@ def filip_tiny() -> Config:
                               ObjectiveSpec(name="clip", weight=0.5)])
 
 
+@RECIPES.register("unicl_tiny")
+def unicl_tiny() -> Config:
+    """UniCL (Yang et al., 2022) on the built-in data: clip_tiny's towers trained with the
+    unified image-text-label loss. Every built-in row carries its class label, so same-class
+    pairs in a batch are extra positives both ways; caption-only rows (label -1) keep CLIP's
+    diagonal."""
+    return Config(recipe="unicl_tiny", objectives=[ObjectiveSpec(name="unicl")])
+
+
+@RECIPES.register("align_tiny")
+def align_tiny() -> Config:
+    """ALIGN (Jia et al., 2021) on the built-in data: an EfficientNet image tower (timm's tiny
+    ``test_efficientnet``, MBConv + squeeze-excite + BatchNorm, widened 1.5x, at 64 px), a
+    2-layer BERT pooled at its first token ([CLS]), and the normalised-softmax contrastive loss
+    with label smoothing 0.1."""
+    return Config(
+        recipe="align_tiny",
+        data=DataConfig(image_size=64),
+        model=ModelConfig(vision="test_efficientnet", vision_kwargs={"channel_multiplier": 1.5},
+                          text_pooling="first"),
+        objectives=[ObjectiveSpec(name="clip", params={"label_smoothing": 0.1})],
+    )
+
+
 def recipe(name: str, **overrides: Any) -> Config:
     """The named recipe's config with dotted overrides (``**{"train.steps": 100}``) applied."""
     cfg = RECIPES.get(name)()
