@@ -80,6 +80,9 @@ class ModelConfig:
     """Initial softmax temperature; the learnable logit scale starts at 1/this."""
     max_logit_scale: float = 100.0
     """The logit scale is clamped to at most this."""
+    init_logit_bias: float | None = None
+    """Initial value of a learnable logit bias b (``Outputs.logit_bias``); None = no bias
+    parameter. SigLIP uses -10."""
     ra_layers: int = 0
     """RA-CLIP retrieval augmentation: cross-attention blocks of the module that enriches each
     image embedding with its k retrieved reference pairs (0 = off). When on, training batches

@@ -85,6 +85,18 @@ def filip_tiny() -> Config:
                               ObjectiveSpec(name="clip", weight=0.5)])
 
 
+@RECIPES.register("siglip_tiny")
+def siglip_tiny() -> Config:
+    """SigLIP (Zhai et al., 2023) on the built-in noisy data: clip_tiny's towers with the
+    pairwise sigmoid loss instead of the softmax; t = exp(t') starts at 10 and the learnable
+    bias b at -10, as in the paper. Negatives from other workers arrive by ring exchange, so
+    each worker holds only B x B logits. Keep the default warmup: at b = -10 the first steps
+    pull all embeddings together, and the model separates them again after ~40-60 steps."""
+    return Config(recipe="siglip_tiny",
+                  model=ModelConfig(init_temperature=0.1, init_logit_bias=-10.0),
+                  objectives=[ObjectiveSpec(name="siglip")])
+
+
 @RECIPES.register("unicl_tiny")
 def unicl_tiny() -> Config:
     """UniCL (Yang et al., 2022) on the built-in data: clip_tiny's towers trained with the

@@ -109,8 +109,9 @@ def test_recipe_trains_on_one_batch(name: str) -> None:
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["lr"] == pytest.approx(LR * lr_factor(step + 1, cfg.train))
         assert m["grad_norm"] > 0
-    # ~chance at init (a BatchNorm CNN tower starts with spread image embeddings: up to 1.4x)
-    assert losses[0] == pytest.approx(math.log(BATCH), rel=0.4)
+    if all(s.name != "siglip" for s in cfg.objectives):   # sigmoid loss: ~10 at b = -10
+        # ~chance at init (a BatchNorm CNN tower starts with spread image embeddings: 1.4x)
+        assert losses[0] == pytest.approx(math.log(BATCH), rel=0.4)
     assert losses[-1] < losses[0] - 0.1, losses
     assert sum(losses[-3:]) < sum(losses[:3]) - 0.2, losses
     assert history[-1]["logit_scale"] != pytest.approx(1 / cfg.model.init_temperature, abs=1e-6)

@@ -32,7 +32,7 @@ def build_model(cfg: ModelConfig, *, image_size: int, vocab_size: int,
                                           heads=cfg.ra_heads)
     return DualEncoder(vision, text, embed_dim=cfg.embed_dim, pooling=cfg.text_pooling,
                        init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale,
-                       retrieval=retrieval)
+                       init_logit_bias=cfg.init_logit_bias, retrieval=retrieval)
 
 
 def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) -> None:

@@ -24,13 +24,14 @@ References = tuple[Tensor, Tensor, Tensor]
 class DualEncoder(nn.Module):
     """image (B, 3, H, W) -> image_embeds (B, D); tokens (B, L) -> text_embeds (B, D).
 
+    ``init_logit_bias`` adds SigLIP's learnable scalar bias ``logit_bias`` (else None).
     With ``retrieval`` (RA-CLIP), image embeddings are enriched with retrieved reference pairs
     (``vlmray.models.retrieval_aug``); without it the state dict is the plain dual encoder's.
     """
 
     def __init__(self, vision: VisionTower, text: TextTower, *, embed_dim: int,
                  pooling: str = "mean", init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0,
+                 max_logit_scale: float = 100.0, init_logit_bias: float | None = None,
                  retrieval: RetrievalAugmentation | None = None) -> None:
         super().__init__()
         self.vision, self.text = vision, text
@@ -38,6 +39,9 @@ class DualEncoder(nn.Module):
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
+        # SigLIP's learnable bias b; None registers nothing, so state-dict keys stay as before.
+        bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
+        self.register_parameter("logit_bias", bias)
         self.pooling = pooling
         self.retrieval = retrieval  # None registers nothing: state-dict keys stay as before
 
@@ -82,7 +86,8 @@ class DualEncoder(nn.Module):
         img, img_tok = self.encode_image(batch[schema.PIXELS], tokens=want_img_tokens,
                                          refs=self._references(batch))
         txt, txt_tok = self.encode_text(batch[schema.TOKENS], batch[schema.TOKEN_MASK])
-        out = Outputs(image_embeds=img, text_embeds=txt, logit_scale=self.logit_scale)
+        out = Outputs(image_embeds=img, text_embeds=txt, logit_scale=self.logit_scale,
+                      logit_bias=self.logit_bias)
         if want_img_tokens:
             out.image_tokens = img_tok
         if "text_tokens" in needs:
