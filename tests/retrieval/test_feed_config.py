@@ -130,3 +130,27 @@ def test_a_reused_index_must_match_the_run(tmp_path: Path) -> None:
         _reused_embedder(RetrievalConfig(**ra, index_dir=built(reference_fraction=0.1)))
     with pytest.raises(ConfigError, match="no finished"):
         _reused_embedder(RetrievalConfig(**ra, index_dir=str(tmp_path / "missing")))
+
+
+def test_lookup_queries_reads_vectors_by_key_and_rejects_unindexed_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlmray.retrieval.feed import NOT_INDEXED, LookupQueries
+
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    pq.write_table(pa.table({schema.KEY: ["a", "b", "c", "d"], schema.TEXT: ["", "", "", ""],
+                             schema.TEXT_EMBED: pa.array(vectors.tolist(),
+                                                         pa.list_(pa.float32(), 3))}),
+                   tmp_path / "part-0.parquet")
+    stage = LookupQueries(str(tmp_path), schema.TEXT_EMBED)
+    keys = np.array(["c", "zz", "a", "d"], dtype=object)
+    out = stage({schema.KEY: keys, schema.TEXT: keys.copy()})
+    assert list(out[schema.REJECT_REASON]) == ["", NOT_INDEXED, "", ""]
+    got = out[schema.TEXT_EMBED]                                   # (B, D) float32
+    np.testing.assert_array_equal(got[[0, 2, 3]], vectors[[2, 0, 3]])
+    # a batch whose rows were all rejected earlier still gets the (B, D) column, zeros
+    dead = stage({schema.KEY: keys[:2], schema.TEXT: keys[:2].copy(),
+                  schema.REJECT_REASON: np.array(["x", "y"], dtype=object),
+                  schema.REJECT_STAGE: np.array(["t", "t"], dtype=object)})
+    assert dead[schema.TEXT_EMBED].shape == (2, 3) and not dead[schema.TEXT_EMBED].any()

@@ -16,18 +16,60 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from vlmray.data import schema
-from vlmray.data.curation.stage import Stage
+from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, num_rows
 from vlmray.data.storage import filesystem, join
 from vlmray.retrieval.config import BOOTSTRAP, RetrievalConfig
+from vlmray.retrieval.search import EmbeddingTable, ShipsLight, load_embedding_table
 from vlmray.retrieval.split import SubsetStage
 
 if TYPE_CHECKING:
     from vlmray.config import Config
+
+NOT_INDEXED = "not_indexed"
+"""Reject reason: the row has no vector in the index's embedding table (it was rejected when
+the index was built, e.g. an image that does not decode)."""
+
+
+class LookupQueries(ShipsLight):
+    """Writes each row's query vector (``column``) from an embedding table, by key; a row
+    missing from the table is rejected as ``not_indexed``. The table loads once per actor."""
+
+    name: ClassVar[str] = "lookup_queries"
+    reasons: ClassVar[tuple[str, ...]] = (NOT_INDEXED,)
+    _heavy: ClassVar[str] = "_table"
+
+    def __init__(self, table: str, column: str) -> None:
+        self.table, self.column = table, column
+        self.resources = Resources(num_cpus=0.25, actors=1, batch_size=256)
+        self._table: EmbeddingTable | None = None
+
+    def setup(self) -> None:
+        self._table = load_embedding_table(self.table)
+        if self.column not in self._table.embeds:
+            raise ValueError(f"{self.table} holds no {self.column} column")
+
+    def process(self, batch: Batch) -> StageOutput:
+        assert self._table is not None
+        rows = np.array([self._table.rows.get(str(k), -1) for k in batch[schema.KEY]],
+                        dtype=np.int64)
+        found = rows >= 0
+        vectors = self._table.embeds[self.column][np.maximum(rows, 0)] * found[:, None]
+        return StageOutput(columns={self.column: vectors.astype(np.float32)},
+                           reasons=np.where(found, "", NOT_INDEXED).astype(object))
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch = super().__call__(batch)
+        if self.column not in batch:          # no live row in this batch: zeros, same shape
+            assert self._table is not None
+            dim = self._table.embeds[self.column].shape[1]
+            batch[self.column] = np.zeros((num_rows(batch), dim), dtype=np.float32)
+        return batch
+
 
 @dataclass
 class RetrievalPlan:
@@ -122,14 +164,21 @@ def _neighbour_stages(r: RetrievalConfig, embedder: str, index_dir: str) -> list
     )
 
     query = schema.IMAGE_EMBED if r.modality == "image" else schema.TEXT_EMBED
+    table = join(index_dir, "embeddings")
+    if r.reference_fraction == 0 and not r.index_dir:
+        # This run's index holds every training row, embedded by this embedder: look the
+        # query vectors up by key instead of embedding the rows a second time.
+        queries: Stage = LookupQueries(table, query)
+    else:
+        queries = EmbedStage(EmbedConfig(model=embedder, modality=r.modality, num_cpus=0.5))
     # Fractional CPUs: the three actor pools together hold one core, so read and decode tasks
     # keep the other even on a 2-core machine (whole-core actors would starve them).
     return [
-        EmbedStage(EmbedConfig(model=embedder, modality=r.modality, num_cpus=0.5)),
+        queries,
         SearchStage(SearchConfig(index=join(index_dir, "index", r.modality), query_column=query,
                                  k=r.k, duplicate_threshold=r.duplicate_threshold,
                                  num_cpus=0.25)),
-        AttachNeighbours(AttachConfig(table=join(index_dir, "embeddings"), k=r.k,
+        AttachNeighbours(AttachConfig(table=table, k=r.k,
                                       references=r.attach == "references",
                                       neighbour_text=r.attach == "neighbour_text",
                                       num_cpus=0.25)),
@@ -231,4 +280,5 @@ def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples
     return float(np.asarray(batch[schema.REF_MASK], np.float32).sum(axis=1).mean())
 
 
-__all__ = ["RetrievalPlan", "bootstrap_embedder", "prepare", "split_stage", "write_eval_refs"]
+__all__ = ["NOT_INDEXED", "LookupQueries", "RetrievalPlan", "bootstrap_embedder", "prepare",
+           "split_stage", "write_eval_refs"]

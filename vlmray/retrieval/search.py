@@ -173,7 +173,7 @@ def _object_column(values: Sequence[Any]) -> np.ndarray:
 # --- the Ray Data stages ----------------------------------------------------------------------
 
 
-class _ShipsLight(Stage):
+class ShipsLight(Stage):
     """A stage whose heavy attribute (``_heavy``) is loaded in ``setup``, not pickled."""
 
     _heavy: ClassVar[str] = ""
@@ -184,7 +184,7 @@ class _ShipsLight(Stage):
         return state
 
 
-class SearchStage(_ShipsLight):
+class SearchStage(ShipsLight):
     """Writes ``NEIGHBOURS`` (up to ``k`` keys, best first) and ``NEIGHBOUR_SCORES`` per row.
 
     The index loads in :meth:`setup`, once per actor. Rows rejected earlier get empty lists.
@@ -335,7 +335,7 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(arr), -1 if len(arr) else 0)
 
 
-class AttachNeighbours(_ShipsLight):
+class AttachNeighbours(ShipsLight):
     """Maps each row's ``NEIGHBOURS`` to fixed-shape reference tensors and/or ``NN_TEXT``.
 
     Per row: ``REF_IMAGE_EMBEDS`` / ``REF_TEXT_EMBEDS`` float32 (k, D) and ``REF_MASK``

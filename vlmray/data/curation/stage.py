@@ -124,6 +124,8 @@ class Stage:
                 full = batch[col].copy()
                 if full.dtype != values.dtype and values.dtype == object:
                     full = full.astype(object)
+            elif values.ndim > 1:              # a tensor column: rows not processed are zeros
+                full = np.zeros((n, *values.shape[1:]), dtype=values.dtype)
             else:
                 full = filled(self.fills.get(col, _default_fill(values)), n)
                 if full.dtype != values.dtype:
