@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import vlmray.objectives.contrastive.unicl  # noqa: F401  (registers "unicl")
 from tests.distributed._spawn import run_gloo
+from tests.objectives.test_clip import TinyClip
 from vlmray._registry import UnknownNameError
 from vlmray.data.schema import LABEL
 from vlmray.distributed import Dist
@@ -125,33 +126,18 @@ def test_registry_validates_params() -> None:
 # --- 1 process vs 2 gloo processes --------------------------------------------------------------
 
 
-class TinyDual(nn.Module):
-    """Two linear encoders and a learnable log inverse temperature (float64)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.image = nn.Linear(5, 4, dtype=torch.float64)
-        self.text = nn.Linear(6, 4, dtype=torch.float64)
-        self.log_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
-
-    def forward(self, pixels: Tensor, tokens: Tensor) -> Outputs:
-        return Outputs(image_embeds=F.normalize(self.image(pixels), dim=-1),
-                       text_embeds=F.normalize(self.text(tokens), dim=-1),
-                       logit_scale=self.log_scale.exp())
-
-
 def _setup() -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
     """Fixed weights, a global batch of N inputs, and labels whose classes span both ranks."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     pixels = torch.randn(N, 5, generator=g, dtype=torch.float64)
     tokens = torch.randn(N, 6, generator=g, dtype=torch.float64)
-    return TinyDual().state_dict(), pixels, tokens, torch.tensor(MIXED)
+    return TinyClip().state_dict(), pixels, tokens, torch.tensor(MIXED)
 
 
 def _loss_and_grads(state: dict, pixels: Tensor, tokens: Tensor, labels: Tensor, mode: str,
                     dist: Dist) -> tuple[float, dict[str, Tensor]]:
-    model = TinyDual()
+    model = TinyClip()
     model.load_state_dict(state)
     loss_fn = build_objective(ObjectiveSpec(name="unicl", params={"gather": mode}))
     loss = loss_fn({LABEL: labels}, model(pixels, tokens), dist).loss
