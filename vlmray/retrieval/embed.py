@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from vlmray.data import schema
 from vlmray.data.curation.score import EMBEDDERS, Embedder, ModelSource, ModelStage, resolve_model
-from vlmray.data.curation.stage import Batch, Resources, StageOutput
+from vlmray.data.curation.stage import Batch, Resources, StageOutput, num_rows
 from vlmray.data.decode import DECODE_ERROR
 from vlmray.data.storage import filesystem, join, to_uri, write_bytes_atomic
 
@@ -151,14 +151,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _rows(vectors: np.ndarray) -> np.ndarray:
-    """(B, D) -> an object array of B (D,) rows."""
-    out = np.empty(len(vectors), dtype=object)
-    for i, v in enumerate(vectors):
-        out[i] = v
-    return out
-
-
 def _as_text(value: object) -> str:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", errors="replace")
@@ -199,7 +191,6 @@ class EmbedStage(ModelStage):
             raise type(e)(f"embed.model: {e}") from None
         self.resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                    actors=cfg.actors, batch_size=cfg.batch_size)
-        self.fills = dict.fromkeys(cfg.columns)  # type: ignore[misc]  # per instance
         self.dims: dict[str, int] = {}
         self._embedder: Embedder | None = None
 
@@ -237,24 +228,22 @@ class EmbedStage(ModelStage):
         images = list(batch[schema.IMAGE]) if schema.IMAGE in batch else [None] * n
         columns: dict[str, np.ndarray] = {}
         reasons = np.full(n, DECODE_ERROR, dtype=object)
+        for col in self.cfg.columns:                 # rows that fail to decode keep zeros
+            columns[col] = np.zeros((n, self.dims[col]), dtype=np.float32)
         for lo in range(0, n, self.cfg.batch_size):
             got, ok = self._embed(images[lo:lo + self.cfg.batch_size],
                                   texts[lo:lo + self.cfg.batch_size])
             reasons[lo + ok] = ""
             for col, vectors in got.items():
-                column = columns.setdefault(col, np.full(n, None, dtype=object))
-                column[lo + ok] = _rows(vectors)                          # one (D,) per row
+                columns[col][lo + ok] = vectors
         return StageOutput(columns={**columns, schema.TEXT: np.asarray(texts, dtype=object)},
                            reasons=reasons)
 
     def __call__(self, batch: Batch) -> Batch:
         batch = super().__call__(batch)
-        for col in self.cfg.columns:                  # object rows of (D,) -> (B, D) float32
-            out = np.zeros((len(batch[col]), self.dims[col]), dtype=np.float32)
-            for i, v in enumerate(batch[col]):
-                if v is not None:
-                    out[i] = v
-            batch[col] = out
+        for col in self.cfg.columns:                 # a batch with no live row: zeros too
+            if col not in batch or batch[col].ndim != 2:
+                batch[col] = np.zeros((num_rows(batch), self.dims[col]), dtype=np.float32)
         return batch
 
 
