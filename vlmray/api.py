@@ -97,7 +97,9 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     print(f"[vlmray] ingest: {ingest.summary()}", flush=True)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
-    trainer = build_trainer(cfg, {"train": ingest.train}, run_dir=run_dir, eval_uri=eval_uri,
+    from vlmray.data.augment import augment_train
+
+    trainer = build_trainer(cfg, {"train": augment_train(cfg.data, ingest.train)}, run_dir=run_dir, eval_uri=eval_uri,
                             resume_from=str(latest) if latest else None, launch=launch,
                             eval_refs=plan.eval_refs if plan else "")
     result = trainer.fit()

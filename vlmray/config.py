@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from vlmray.data.curation.config import CurationConfig
 from vlmray.data.synthetic import SyntheticConfig
+from vlmray.data.views import ViewsConfig
 from vlmray.objectives.registry import ObjectiveSpec
 from vlmray.retrieval.config import RetrievalConfig
 
@@ -54,10 +55,15 @@ class DataConfig:
     """Curation stage settings used when ``curate`` is on (as ``jobs/curate.py``'s)."""
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     """FAISS neighbours for training rows: RA-CLIP references or DeCLIP NNS neighbour text."""
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    """Augmented views added per epoch in Ray Data (DeCLIP, PyramidCLIP, CLIPPO)."""
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    arch: str = "dual_encoder"
+    """Model family (``vlmray.models.MODEL_ARCHS``): ``dual_encoder`` (CLIP's two towers) or a
+    single-tower variant registered there."""
     vision: str = "vit_tiny_patch16_224"
     """Any timm model name; built with ``num_classes=0`` and the kwargs below."""
     vision_kwargs: dict[str, Any] = field(default_factory=lambda: {

@@ -36,9 +36,11 @@ NN_COLUMNS = [schema.NN_TOKENS, schema.NN_TOKEN_MASK]
 
 
 def train_columns(cfg: DataConfig) -> list[str]:
-    """The columns training rows carry: TRAIN_COLUMNS plus what ``data.retrieval`` attaches."""
+    """The columns training rows carry: TRAIN_COLUMNS plus what ``data.retrieval`` attaches,
+    and the caption string when ``data.views`` derives texts or renders it."""
     extra = {"references": REFERENCE_COLUMNS, "neighbour_text": NN_COLUMNS}
-    return TRAIN_COLUMNS + extra.get(cfg.retrieval.attach, [])
+    text = [schema.TEXT] if cfg.views.needs_text else []   # the views stage reads, then drops it
+    return TRAIN_COLUMNS + extra.get(cfg.retrieval.attach, []) + text
 
 
 @functools.lru_cache(maxsize=4)

@@ -35,6 +35,14 @@ PIXELS = "pixels"                  # uint8 (3, H, W): decoded, resized image
 TOKENS = "tokens"                  # int64 (L,): token ids, padded
 TOKEN_MASK = "token_mask"          # int64 (L,): 1 for real tokens, 0 for padding
 
+# --- augmented views (vlmray.data.views; DeCLIP, PyramidCLIP, CLIPPO, KELIP) -----------------
+PIXELS_VIEWS = "pixels_views"      # uint8 (V, 3, H, W): augmented image views, data.views.image
+TOKENS_VIEWS = "tokens_views"      # int64 (V_t, L): augmented / derived texts, data.views.text
+TOKEN_MASK_VIEWS = "token_mask_views"  # int64 (V_t, L)
+MLM_TOKENS = "mlm_tokens"          # int64 (L,): TOKENS with data.views.mlm_prob of them masked
+MLM_LABELS = "mlm_labels"          # int64 (L,): original id where masked, else -100 (ignored)
+TEXT_PIXELS = "text_pixels"        # uint8 (3, H, W): the caption rendered as an image (CLIPPO)
+
 # --- curation: provenance, signals, accounting ---------------------------------------------
 URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
 SOURCE = "source"                  # str: the input file a row was read from
@@ -58,7 +66,8 @@ WDS_SUFFIX = {IMAGE: "jpg", TEXT: "txt", META: "json"}
 __all__ = [
     "KEY", "IMAGE", "TEXT", "META", "TEXTS_AUG", "SYNTHETIC_CAPTION", "LABEL", "BOXES",
     "PHRASES", "NEIGHBOURS", "NEIGHBOUR_SCORES", "IMAGE_EMBED", "TEXT_EMBED", "REF_IMAGE_EMBEDS",
-    "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS", "TOKEN_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
+    "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS", "TOKEN_MASK",
+    "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS", "TEXT_PIXELS", "URL", "SOURCE", "ROW_ID", "WIDTH",
     "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from torch import nn
+
+from vlmray._registry import Registry
 from vlmray.models.dual_encoder import DualEncoder
 from vlmray.models.outputs import NN_TEXT_EMBEDS, Outputs
 from vlmray.models.retrieval_aug import RetrievalAugmentation
@@ -18,9 +22,25 @@ if TYPE_CHECKING:
     from vlmray.config import ModelConfig
 
 
+ModelBuilder = Callable[..., nn.Module]
+MODEL_ARCHS: Registry[ModelBuilder] = Registry("model arch")
+"""``model.arch`` -> builder ``(cfg, *, image_size, vocab_size, context_length) -> model``.
+Every arch exposes the dual encoder's interface: ``forward(batch, needs) -> Outputs``,
+``encode_image(pixels) -> (embeds, tokens)``, ``encode_text(ids, mask) -> (embeds, states)``
+and ``logit_scale``, so objectives, training and evaluation work unchanged."""
+
+
 def build_model(cfg: ModelConfig, *, image_size: int, vocab_size: int,
-                context_length: int) -> DualEncoder:
-    """Builds the dual encoder described by ``cfg`` (random init unless weights are named)."""
+                context_length: int) -> nn.Module:
+    """Builds the model ``cfg.arch`` names (random init unless weights are named)."""
+    return MODEL_ARCHS.get(cfg.arch)(cfg, image_size=image_size, vocab_size=vocab_size,
+                                     context_length=context_length)
+
+
+@MODEL_ARCHS.register("dual_encoder")
+def build_dual_encoder(cfg: ModelConfig, *, image_size: int, vocab_size: int,
+                       context_length: int) -> DualEncoder:
+    """CLIP's two towers (timm vision, transformers text), optionally with RA-CLIP's module."""
     _check_retrieval(cfg)  # by now ra_ref_dim must be known
     vision = VisionTower(cfg.vision, img_size=image_size, kwargs=cfg.vision_kwargs,
                          weights=cfg.vision_weights)
@@ -42,6 +62,8 @@ def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = Fals
     built (``build_model`` checks it again)."""
     from vlmray.config import ConfigError
 
+    if cfg.arch not in MODEL_ARCHS:
+        raise ConfigError(f"model.arch: {cfg.arch!r} is not one of {MODEL_ARCHS.names()}")
     try:
         check_vision_name(cfg.vision)
         check_text_config(cfg.text, cfg.text_weights)
@@ -73,5 +95,5 @@ def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) ->
                           f"model.embed_dim={cfg.embed_dim}")
 
 
-__all__ = ["NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
-           "VisionTower", "build_model", "validate_model_config"]
+__all__ = ["MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
+           "VisionTower", "build_dual_encoder", "build_model", "validate_model_config"]

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
-from vlmray.models.outputs import NN_TEXT_EMBEDS, Outputs
+from vlmray.models.outputs import (
+    IMAGE_VIEW_EMBEDS,
+    MLM_STATES,
+    NN_TEXT_EMBEDS,
+    TEXT_VIEW_EMBEDS,
+    Outputs,
+)
 from vlmray.models.retrieval_aug import RetrievalAugmentation
 from vlmray.models.towers import TextTower, VisionTower
 
@@ -92,19 +98,45 @@ class DualEncoder(nn.Module):
             out.image_tokens = img_tok
         if "text_tokens" in needs:
             out.text_tokens, out.text_mask = txt_tok, batch[schema.TOKEN_MASK]
+        out.extra.update(self.encode_extras(batch, needs))
+        return out
+
+    def encode_extras(self, batch: Mapping[str, Tensor],
+                      needs: Collection[str]) -> dict[str, Tensor]:
+        """The ``Outputs.extra`` entries in ``needs`` that re-use the two towers on extra
+        columns: neighbour captions, augmented image and text views, masked captions."""
+        extra: dict[str, Tensor] = {}
         if NN_TEXT_EMBEDS in needs:
             nn_ids, nn_mask = _columns(batch, (schema.NN_TOKENS, schema.NN_TOKEN_MASK),
                                        "nn_text_embeds (the DeCLIP nearest-neighbour stage)")
-            out.extra[NN_TEXT_EMBEDS] = self.encode_text(nn_ids, nn_mask)[0]  # (B, D)
-        return out
+            extra[NN_TEXT_EMBEDS] = self.encode_text(nn_ids, nn_mask)[0]       # (B, D)
+        if IMAGE_VIEW_EMBEDS in needs:
+            (views,) = _columns(batch, (schema.PIXELS_VIEWS,), "image_view_embeds "
+                                "(data.views.image)")
+            b, v = views.shape[:2]
+            emb = self.encode_image(views.flatten(0, 1), refs=self._references(batch, v))[0]
+            extra[IMAGE_VIEW_EMBEDS] = emb.view(b, v, -1)                       # (B, V, D)
+        if TEXT_VIEW_EMBEDS in needs:
+            ids, mask = _columns(batch, (schema.TOKENS_VIEWS, schema.TOKEN_MASK_VIEWS),
+                                 "text_view_embeds (data.views.text)")
+            b, v = ids.shape[:2]
+            emb = self.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))[0]
+            extra[TEXT_VIEW_EMBEDS] = emb.view(b, v, -1)                        # (B, V_t, D)
+        if MLM_STATES in needs:
+            (ids,) = _columns(batch, (schema.MLM_TOKENS,), "mlm_states (data.views.mlm_prob)")
+            extra[MLM_STATES] = self.text(ids, batch[schema.TOKEN_MASK])        # (B, L, C)
+        return extra
 
-    def _references(self, batch: Mapping[str, Tensor]) -> References | None:
-        """The batch's RA-CLIP references when the model has the module, else None."""
+    def _references(self, batch: Mapping[str, Tensor], repeat: int = 1) -> References | None:
+        """The batch's RA-CLIP references when the model has the module, else None; each row's
+        repeated ``repeat`` times (for that many views of every image)."""
         if self.retrieval is None:
             return None
         cols = (schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK)
-        ref_image, ref_text, ref_mask = _columns(batch, cols, "the retrieval augmentation "
-                                                 "module (model.ra_layers > 0)")
+        refs = _columns(batch, cols, "the retrieval augmentation module (model.ra_layers > 0)")
+        if repeat > 1:
+            refs = [r.repeat_interleave(repeat, dim=0) for r in refs]
+        ref_image, ref_text, ref_mask = refs
         return ref_image, ref_text, ref_mask
 
 

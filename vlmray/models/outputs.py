@@ -10,6 +10,17 @@ NN_TEXT_EMBEDS = "nn_text_embeds"
 """``Outputs.extra`` key (and ``needs`` name): (B, D) normalised embeddings of each row's
 nearest-neighbour caption (``NN_TOKENS``), encoded by the online text tower (DeCLIP NNS)."""
 
+IMAGE_VIEW_EMBEDS = "image_view_embeds"
+"""(B, V, D) normalised embeddings of the augmented image views (``schema.PIXELS_VIEWS``), in
+``data.views.image`` order (DeCLIP's second view, PyramidCLIP's local crops...)."""
+TEXT_VIEW_EMBEDS = "text_view_embeds"
+"""(B, V_t, D) normalised embeddings of the derived texts (``schema.TOKENS_VIEWS``), in
+``data.views.text`` order (EDA augmentations, PyramidCLIP's summary and attribute texts)."""
+MLM_STATES = "mlm_states"
+"""(B, L, C) the text tower's hidden states (width C = ``model.text.width``, not projected) for
+the masked captions ``schema.MLM_TOKENS``; an MLM head predicts ``schema.MLM_LABELS``."""
+EXTRA_OUTPUTS = (NN_TEXT_EMBEDS, IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, MLM_STATES)
+
 
 @dataclass
 class Outputs:
@@ -36,4 +47,5 @@ class Outputs:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-__all__ = ["NN_TEXT_EMBEDS", "Outputs"]
+__all__ = ["EXTRA_OUTPUTS", "IMAGE_VIEW_EMBEDS", "MLM_STATES", "NN_TEXT_EMBEDS", "Outputs",
+           "TEXT_VIEW_EMBEDS"]

@@ -6,7 +6,7 @@
 """
 
 from vlmray.objectives import contrastive  # noqa: E402,F401  (registers "clip")
-from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.mix import ObjectiveMix
 from vlmray.objectives.registry import (
     OBJECTIVES,
@@ -24,6 +24,7 @@ __all__ = [
     "Objective",
     "ObjectiveMix",
     "ObjectiveSpec",
+    "SetupContext",
     "build_objective",
     "list_objectives",
     "register_objective",

@@ -13,6 +13,22 @@ if TYPE_CHECKING:
     from vlmray.models.outputs import Outputs
 
 
+@dataclass(frozen=True)
+class SetupContext:
+    """What an objective may size its own parameters from, given once before the optimiser is
+    built (``Objective.setup``)."""
+
+    model: nn.Module
+    """The core (unwrapped) model; e.g. OTTER copies it into an EMA teacher. Do not register it
+    as a submodule of the objective (its parameters belong to the model)."""
+    embed_dim: int
+    """D, the width of ``Outputs.image_embeds`` / ``text_embeds`` / ``*_tokens``."""
+    text_width: int
+    """C, the text tower's hidden width (``Outputs.extra["mlm_states"]``)."""
+    vocab_size: int
+    """The tokenizer's vocabulary size (MLM heads)."""
+
+
 @dataclass
 class LossResult:
     """A scalar loss plus detached scalar metrics for logging (names without a prefix)."""
@@ -31,8 +47,13 @@ class Objective(nn.Module):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    def setup(self, ctx: SetupContext) -> None:
+        """Create parameters that depend on the model (heads, predictors, a teacher). Called
+        once by ``ObjectiveMix.setup`` before the optimiser is built and a checkpoint loads.
+        Default: nothing."""
+
     def forward(self, batch: Mapping[str, Tensor], out: Outputs, dist: Dist) -> LossResult:
         raise NotImplementedError
 
 
-__all__ = ["LossResult", "Objective"]
+__all__ = ["LossResult", "Objective", "SetupContext"]

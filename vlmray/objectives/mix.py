@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.registry import ObjectiveSpec, build_objective, validate_specs
 
 if TYPE_CHECKING:
@@ -41,6 +41,12 @@ class ObjectiveMix(nn.Module):
         """Build every spec (validated first: distinct names, known params)."""
         validate_specs(specs)
         return cls({s.name: build_objective(s) for s in specs}, {s.name: s.weight for s in specs})
+
+    def setup(self, ctx: SetupContext) -> ObjectiveMix:
+        """Lets each objective create its model-dependent parameters; returns ``self``."""
+        for obj in self.objectives.values():
+            obj.setup(ctx)
+        return self
 
     @property
     def needs(self) -> frozenset[str]:

@@ -12,7 +12,7 @@ from vlmray.config import Config
 from vlmray.data.ingest import decode_spec, tokenizer_for
 from vlmray.eval import evaluate, load_heldout
 from vlmray.models import DualEncoder, build_model
-from vlmray.objectives import ObjectiveMix
+from vlmray.objectives import ObjectiveMix, SetupContext
 from vlmray.train.checkpoint import Progress
 from vlmray.train.optim import build_optimizer
 
@@ -49,17 +49,24 @@ def build_core_model(cfg: Config) -> DualEncoder:
                        context_length=cfg.data.context_length)
 
 
+def setup_context(cfg: Config, core: nn.Module) -> SetupContext:
+    """What objectives size their own parameters from (``Objective.setup``)."""
+    text_width = getattr(getattr(core, "text", None), "width", 0)   # 0: no text tower
+    return SetupContext(model=core, embed_dim=cfg.model.embed_dim, text_width=text_width,
+                        vocab_size=tokenizer_for(cfg.data).vocab_size)
+
+
 def build_state(cfg: Config, *, device: torch.device,
                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
     """Seeds, builds the model on ``device`` and (optionally) wraps it for data parallelism."""
     torch.manual_seed(cfg.train.seed)
     core = build_core_model(cfg).to(device)
+    mix = ObjectiveMix.from_specs(cfg.objectives).setup(setup_context(cfg, core)).to(device)
     model = wrap(core) if wrap is not None else core
-    mix = ObjectiveMix.from_specs(cfg.objectives).to(device)
     optimizer, scheduler = build_optimizer(nn.ModuleList([core, mix]), cfg.train)
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
     return TrainState(cfg=cfg, model=model, core=core, mix=mix, optimizer=optimizer,
                       scheduler=scheduler, bf16=bf16, grad_clip=cfg.train.grad_clip)
 
 
-__all__ = ["TrainState", "build_core_model", "build_state"]
+__all__ = ["TrainState", "build_core_model", "build_state", "setup_context"]
