@@ -47,23 +47,39 @@ def init_ray() -> None:
 
 def resolve_data(cfg: Config, run_dir: str) -> tuple[str, str]:
     """Returns (train shards URI, held-out URI or ""), generating the built-in data if asked."""
-    if cfg.data.source == "builtin":
+    train, default_eval = _resolve_source(cfg, cfg.data.source, join(run_dir, "data"))
+    return train, cfg.data.eval_source or default_eval
+
+
+def resolve_sources(cfg: Config, run_dir: str) -> list[str]:
+    """The train shards URI of every training source: ``data.source``, then each of
+    ``data.extra_sources`` (built-in ones generated into ``<run>/data-<k>``)."""
+    first, _ = resolve_data(cfg, run_dir)
+    return [first] + [_resolve_source(cfg, spec, join(run_dir, f"data-{k}"))[0]
+                      for k, spec in enumerate(cfg.data.extra_sources, start=1)]
+
+
+def _resolve_source(cfg: Config, spec: str, builtin_root: str) -> tuple[str, str]:
+    """(train URI, held-out URI or "") of one source spec: ``builtin[:<seed>?...]`` generated
+    into ``builtin_root`` once, or a dataset root / curation output / shard directory."""
+    from vlmray.data.sources import builtin_config, is_builtin
+
+    if is_builtin(spec):
         from vlmray.data.synthetic import write_synthetic
 
-        root = join(run_dir, "data")
-        fs, p = filesystem(join(root, "dataset.json"))
+        fs, p = filesystem(join(builtin_root, "dataset.json"))
         if not fs.exists(p):
-            write_synthetic(cfg.data.synthetic, root)
-        return join(root, "train"), cfg.data.eval_source or join(root, "eval")
-    train = cfg.data.source
+            write_synthetic(builtin_config(spec, cfg.data.synthetic), builtin_root)
+        return join(builtin_root, "train"), join(builtin_root, "eval")
+    train = spec
     for sub in ("train", "shards"):          # a dataset root, or a curation job's output
-        fs, p = filesystem(join(cfg.data.source, sub))
+        fs, p = filesystem(join(spec, sub))
         if fs.isdir(p):
-            train = join(cfg.data.source, sub)
+            train = join(spec, sub)
             break
-    default_eval = join(cfg.data.source, "eval")
+    default_eval = join(spec, "eval")
     fs, p = filesystem(default_eval)
-    return train, cfg.data.eval_source or (default_eval if fs.isdir(p) else "")
+    return train, (default_eval if fs.isdir(p) else "")
 
 
 def _check_run_dir(run_dir: str, resume: bool) -> None:
@@ -89,27 +105,66 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     t0 = time.perf_counter()
     write_json(join(run_dir, "config.json"), cfg.to_dict())
     train_uri, eval_uri = resolve_data(cfg, run_dir)
+    train_uris = resolve_sources(cfg, run_dir)
     init_ray()
     plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
     cfg = plan.config if plan else cfg
-    ingest = run_ingest(cfg.data, train_uri, rejects_uri=join(run_dir, "rejects"),
-                        retrieval=plan.stages if plan else None)
-    print(f"[vlmray] ingest: {ingest.summary()}", flush=True)
+    ingests = [run_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)),
+                          retrieval=plan.stages if plan and k == 0 else None)
+               for k, uri in enumerate(train_uris)]
+    ingest_summary = _ingest_summary(cfg, ingests)
+    print(f"[vlmray] ingest: {ingest_summary}", flush=True)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
-    from vlmray.data.augment import augment_train
-
-    trainer = build_trainer(cfg, {"train": augment_train(cfg.data, ingest.train)}, run_dir=run_dir, eval_uri=eval_uri,
+    datasets, sizes = _train_datasets(cfg, [i.train for i in ingests],
+                                      [i.rows_accepted for i in ingests])
+    trainer = build_trainer(cfg, datasets, run_dir=run_dir, eval_uri=eval_uri,
                             resume_from=str(latest) if latest else None, launch=launch,
-                            eval_refs=plan.eval_refs if plan else "")
+                            eval_refs=plan.eval_refs if plan else "", source_sizes=sizes)
     result = trainer.fit()
     rows = dedup_by_step(read_history(run_dir))
-    summary = _summarise(rows, ingest.summary(), time.perf_counter() - t0)
+    summary = _summarise(rows, ingest_summary, time.perf_counter() - t0)
     summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
     return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
+
+
+def _rejects_dir(k: int) -> str:
+    """Where source k's rejected rows are written: ``rejects`` (k = 0), ``rejects-<k>``."""
+    return "rejects" if k == 0 else f"rejects-{k}"
+
+
+def _ingest_summary(cfg: Config, ingests: list[Any]) -> dict[str, Any]:
+    """One source: its ingest summary. Several: the totals over all sources (reasons summed)
+    and ``sources``, each source's own summary with its spec and rejects directory."""
+    if len(ingests) == 1:
+        return ingests[0].summary()
+    per = [i.summary() for i in ingests]
+    reasons: dict[str, int] = {}
+    for s in per:
+        for reason, n in s["reject_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    specs = [cfg.data.source, *cfg.data.extra_sources]
+    return {**{k: sum(s[k] for s in per) for k in ("rows_in", "rows_accepted", "rows_rejected")},
+            "reject_reasons": reasons,
+            "sources": [{"source": spec, "rejects": _rejects_dir(k), **s}
+                        for k, (spec, s) in enumerate(zip(specs, per))]}
+
+
+def _train_datasets(cfg: Config, trains: list[Any],
+                    sizes: list[int]) -> tuple[dict[str, Any], list[int] | None]:
+    """The Ray Train datasets, each with the per-epoch random stages, and the source sizes
+    single-source sampling draws by (None when all rows form one stream)."""
+    from vlmray.data.augment import augment_train
+    from vlmray.train.loop import dataset_name
+
+    if cfg.data.sampling == "single_source":
+        return ({dataset_name(k): augment_train(cfg.data, ds) for k, ds in enumerate(trains)},
+                sizes)
+    stream = trains[0].union(*trains[1:]) if len(trains) > 1 else trains[0]
+    return {dataset_name(0): augment_train(cfg.data, stream)}, None
 
 
 def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
@@ -172,4 +227,4 @@ def _attempts(events: list[dict[str, Any]], rows: list[dict[str, Any]],
     return {"restarts": max(0, starts - 1), "attempts": attempts}
 
 
-__all__ = ["RunResult", "init_ray", "resolve_data", "run"]
+__all__ = ["RunResult", "init_ray", "resolve_data", "resolve_sources", "run"]

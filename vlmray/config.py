@@ -25,11 +25,31 @@ from vlmray.retrieval.config import RetrievalConfig
 
 
 @dataclass(kw_only=True)
+class MixupConfig:
+    """Coin-flip image-text mixup in Ray Data (``vlmray.data.mixup``; after ZeroVL)."""
+
+    prob: float = 0.0
+    """Probability that a row is mixed with its partner row (0: off)."""
+    alpha: float = 0.1
+    """Mixing weights lam = max(l, 1 - l) with l ~ Beta(alpha, alpha); ZeroVL uses 0.1."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"data.mixup.prob must be in [0, 1], got {self.prob}")
+        if not self.alpha > 0 or not math.isfinite(self.alpha):
+            raise ValueError(f"data.mixup.alpha must be a positive number, got {self.alpha}")
+
+
+SAMPLING_CHOICES = ("mixed", "single_source")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     source: str = "builtin"
     """Dataset root (local path or s3:// URI) holding ``train/*.tar`` (and ``eval/``), a
     curation job's output (``shards/``, webdataset or parquet), or a directory of shards.
-    ``builtin`` generates the synthetic noisy dataset into the run dir."""
+    ``builtin`` generates the synthetic noisy dataset into the run dir (``builtin:<seed>?k=v``
+    with another seed and ``SyntheticConfig`` fields, as in ``extra_sources``)."""
     eval_source: str = ""
     """Held-out split (a directory of shards with ``classes.json``); default ``<source>/eval``."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -57,6 +77,24 @@ class DataConfig:
     """FAISS neighbours for training rows: RA-CLIP references or DeCLIP NNS neighbour text."""
     views: ViewsConfig = field(default_factory=ViewsConfig)
     """Augmented views added per epoch in Ray Data (DeCLIP, PyramidCLIP, CLIPPO)."""
+    extra_sources: list[str] = field(default_factory=list)
+    """More training datasets beside ``source``, each resolved like it: a dataset root or shard
+    directory (path or URI), or ``builtin:<seed>[?field=value&...]``, another built-in dataset
+    (``data.synthetic`` with that seed and the given ``SyntheticConfig`` fields changed)."""
+    sampling: Literal["mixed", "single_source"] = "mixed"
+    """``mixed``: all sources' rows in one stream. ``single_source``: ZeroVL's debiased
+    sampling, every global batch from one source, chosen per step with probability
+    proportional to its size."""
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    """Coin-flip image-text mixup after the views stage (``prob`` 0: off)."""
+
+    def __post_init__(self) -> None:
+        from vlmray.data.sources import check_sources
+
+        if self.sampling not in SAMPLING_CHOICES:
+            raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "
+                              f"{list(SAMPLING_CHOICES)}")
+        check_sources(self)   # single_source needs >= 2 sources; specs; no repeats; retrieval
 
 
 @dataclass(kw_only=True)
@@ -289,6 +327,9 @@ def validate(cfg: Config) -> Config:
     except ValueError as e:  # UnknownNameError is a ValueError too
         raise ConfigError(f"objectives: {e}") from None
     _check_retrieval(cfg)
+    if cfg.model.arch == "clippo" and not cfg.data.views.render_text:
+        raise ConfigError("model.arch='clippo' encodes captions rendered as images: set "
+                          "data.views.render_text=True (the views stage draws TEXT_PIXELS)")
     validate_model_config(cfg.model,
                           ref_dim_filled_later=cfg.data.retrieval.attach == "references")
     t = cfg.train

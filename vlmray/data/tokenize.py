@@ -1,8 +1,9 @@
 """Offline tokenisers: text -> fixed-length token ids and a padding mask.
 
 ``hash`` needs no files at all: lower-cased words and punctuation are hashed (CRC32) into a
-fixed vocabulary, so any text maps to ids deterministically on every worker. ``hf:<dir>`` loads a
-Hugging Face tokenizer from a local directory (never from the hub).
+fixed vocabulary, so any text maps to ids deterministically on every worker; ids 0-3 are the
+specials ``PAD``, ``BOS``, ``EOS`` and ``MASK`` (masked language modelling, ``data.views``).
+``hf:<dir>`` loads a Hugging Face tokenizer from a local directory (never from the hub).
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from typing import Protocol
 
 import numpy as np
 
-PAD, BOS, EOS = 0, 1, 2
-_N_SPECIAL = 3
+PAD, BOS, EOS, MASK = 0, 1, 2, 3
+_N_SPECIAL = 4
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     context_length: int
+    special_ids: tuple[int, ...]
+    """Ids that never stand for a word (padding, begin/end, mask...); MLM never masks them."""
+
+    @property
+    def mask_id(self) -> int:
+        """The ``[MASK]`` id masked language modelling substitutes; raises if there is none."""
+        ...
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns ``(ids, mask)``, both int64 of shape (B, context_length)."""
@@ -32,9 +40,13 @@ class Tokenizer(Protocol):
 class HashTokenizer:
     """Word-level tokeniser with a hashed vocabulary: ``[BOS] w_1 ... w_k [EOS] [PAD]...``."""
 
+    mask_id = MASK
+    special_ids = (PAD, BOS, EOS, MASK)
+
     def __init__(self, vocab_size: int = 8192, context_length: int = 32) -> None:
         if vocab_size <= _N_SPECIAL or context_length < 3:
-            raise ValueError("hash tokenizer needs vocab_size > 3 and context_length >= 3")
+            raise ValueError(f"hash tokenizer needs vocab_size > {_N_SPECIAL} and "
+                             "context_length >= 3")
         self.vocab_size = vocab_size
         self.context_length = context_length
 
@@ -60,8 +72,19 @@ class HFTokenizer:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.path = path
         self.vocab_size = len(self._tok)
         self.context_length = context_length
+        self.special_ids = tuple(sorted(set(self._tok.all_special_ids)))
+
+    @property
+    def mask_id(self) -> int:
+        mask = self._tok.mask_token_id
+        if mask is None:
+            raise ValueError(f"tokenizer {self.path!r} has no mask token (mask_token_id is None): "
+                             "masked language modelling (data.views.mlm_prob > 0) needs one; "
+                             "save the tokenizer with mask_token='[MASK]' or set mlm_prob=0")
+        return int(mask)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         enc = self._tok(list(texts), padding="max_length", truncation=True,
@@ -78,4 +101,5 @@ def build_tokenizer(name: str, *, vocab_size: int, context_length: int) -> Token
     raise ValueError(f"unknown tokenizer {name!r}; valid: 'hash', 'hf:<local directory>'")
 
 
-__all__ = ["HFTokenizer", "HashTokenizer", "Tokenizer", "build_tokenizer", "PAD", "BOS", "EOS"]
+__all__ = ["HFTokenizer", "HashTokenizer", "Tokenizer", "build_tokenizer", "PAD", "BOS", "EOS",
+           "MASK"]

@@ -8,11 +8,40 @@ when an objective asks for them (``vlmray.models.outputs``).
     text views   -> schema.TOKENS_VIEWS     (V_t, L)       "eda" / "summary" / "attributes"
     mlm_prob > 0 -> schema.MLM_TOKENS, schema.MLM_LABELS (L,)
     render_text  -> schema.TEXT_PIXELS      (3, S, S)      the caption drawn as an image
+
+    ds = ds.map_batches(ViewStage(cfg.data), batch_format="numpy")   # vlmray.data.augment
+
+Randomness: each call draws from a fresh ``numpy.random.Generator`` seeded with
+``(views.seed, this instance's call counter, this process's call counter, os.getpid())``. Ray
+Data unpickles a fresh copy of the stage per task, so the instance counter alone would restart
+at 0 in every task; the process-wide counter and the pid make every batch of every epoch, on
+every worker, draw differently. Views are therefore not reproducible run to run (the pid and
+Ray's scheduling enter); ``views.seed`` only shifts the whole stream.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vlmray.data import schema
+from vlmray.data.render import render_text
+from vlmray.data.view_ops import (
+    TEXT_VIEWS,
+    colour_jitter,
+    eda,
+    mlm_mask,
+    random_flips,
+    random_resized_crops,
+)
+
+if TYPE_CHECKING:
+    from vlmray.config import DataConfig
+    from vlmray.data.tokenize import Tokenizer
 
 IMAGE_VIEW_KINDS = ("global", "local")
 TEXT_VIEW_KINDS = ("eda", "summary", "attributes")
@@ -40,7 +69,7 @@ class ViewsConfig:
     render_text: bool = False
     """Draw each caption onto an image (``schema.TEXT_PIXELS``) for CLIPPO's shared tower."""
     seed: int = 0
-    """Seed of the view randomness (mixed with each row's key and a per-stage counter)."""
+    """Seed of the view randomness (mixed with call counters and the process id: see above)."""
 
     def __post_init__(self) -> None:
         for kind in self.image:
@@ -72,4 +101,90 @@ class ViewsConfig:
         return bool(self.text or self.render_text)
 
 
-__all__ = ["IMAGE_VIEW_KINDS", "TEXT_VIEW_KINDS", "ViewsConfig"]
+_PROCESS_CALLS = itertools.count()
+
+
+class ViewStage:
+    """Ray Data batch function (numpy batches) adding the ``data.views`` columns.
+
+    In: PIXELS (B, 3, S, S) uint8, TOKENS / TOKEN_MASK (B, L) int64, LABEL, any other
+    columns, and TEXT (str) when ``views.needs_text``. Out: every input column but TEXT
+    (torch batches cannot hold strings), plus PIXELS_VIEWS (B, V, 3, S, S) uint8,
+    TOKENS_VIEWS / TOKEN_MASK_VIEWS (B, V_t, L) int64, MLM_TOKENS / MLM_LABELS (B, L) int64
+    and TEXT_PIXELS (B, 3, S, S) uint8, as configured. Holds only light, picklable settings;
+    the tokenizer is built once per worker process (``cached_tokenizer``).
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.views = cfg.views
+        self.tokenizer_args = (cfg.tokenizer, cfg.vocab_size, cfg.context_length)
+        self._calls = 0
+        if self.views.mlm_prob > 0:
+            self._tokenizer().mask_id          # fail now, not in a worker, if there is no [MASK]
+
+    def _tokenizer(self) -> Tokenizer:
+        from vlmray.data.ingest import cached_tokenizer  # lazy: ingest pulls in curation
+
+        return cached_tokenizer(*self.tokenizer_args)
+
+    def _rng(self) -> np.random.Generator:
+        self._calls += 1
+        return np.random.default_rng([self.views.seed % 2**63, self._calls, next(_PROCESS_CALLS),
+                                      os.getpid()])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        v, rng = self.views, self._rng()
+        out = {k: col for k, col in batch.items() if k != schema.TEXT}
+        texts: list[str] = []
+        if v.needs_text:
+            if schema.TEXT not in batch:
+                raise KeyError(f"data.views needs the caption column {schema.TEXT!r} "
+                               f"(text views or render_text); columns: {sorted(batch)}")
+            texts = [str(t) for t in batch[schema.TEXT]]
+        if v.image:
+            out[schema.PIXELS_VIEWS] = self.image_views(np.asarray(batch[schema.PIXELS]), rng)
+        if v.text:
+            out[schema.TOKENS_VIEWS], out[schema.TOKEN_MASK_VIEWS] = self.text_views(texts, rng)
+        if v.mlm_prob > 0:
+            tok = self._tokenizer()
+            out[schema.MLM_TOKENS], out[schema.MLM_LABELS] = mlm_mask(
+                np.asarray(batch[schema.TOKENS]), np.asarray(batch[schema.TOKEN_MASK]),
+                v.mlm_prob, rng, mask_id=tok.mask_id, special_ids=tok.special_ids,
+                vocab_size=tok.vocab_size)
+        if v.render_text:
+            size = batch[schema.PIXELS].shape[-1]
+            rendered = np.empty((len(texts), 3, size, size), dtype=np.uint8)   # (B, 3, S, S)
+            for i, text in enumerate(texts):
+                rendered[i] = render_text(text, size)
+            out[schema.TEXT_PIXELS] = rendered
+        return out
+
+    def image_views(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(B, 3, S, S) uint8 -> (B, V, 3, S, S) uint8, one slot per ``views.image`` entry."""
+        v = self.views
+        out = np.empty((len(pixels), len(v.image), *pixels.shape[1:]), dtype=np.uint8)
+        for slot, kind in enumerate(v.image):
+            if kind == "global":
+                view = random_resized_crops(pixels, rng, (v.global_min_scale, 1.0))
+                view = colour_jitter(random_flips(view, rng), rng)
+            else:   # "local"
+                view = random_resized_crops(pixels, rng, (v.local_min_scale, v.local_max_scale))
+                view = random_flips(view, rng)
+            out[:, slot] = view
+        return out
+
+    def text_views(self, texts: list[str],
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """B captions -> (ids, mask) int64 (B, V_t, L), one slot per ``views.text`` entry."""
+        tok, ids, masks = self._tokenizer(), [], []
+        for kind in self.views.text:
+            if kind == "eda":
+                derived = [eda(t, self.views.eda_prob, rng) for t in texts]
+            else:
+                derived = [TEXT_VIEWS[kind](t) for t in texts]
+            i, m = tok(derived)                                                # (B, L) each
+            ids.append(i)
+            masks.append(m)
+        return np.stack(ids, axis=1), np.stack(masks, axis=1)
+
+__all__ = ["IMAGE_VIEW_KINDS", "TEXT_VIEW_KINDS", "ViewStage", "ViewsConfig"]

@@ -1,4 +1,7 @@
-"""Evaluate a dual encoder on the held-out split: zero-shot top-1/top-5 and retrieval R@k."""
+"""Evaluate a dual encoder on the held-out split: zero-shot top-1/top-5 and retrieval R@k.
+
+A model whose ``text_input`` is ``"pixels"`` (CLIPPO) reads captions and class prompts rendered
+as images at the held-out images' size (``vlmray.data.render``) instead of token ids."""
 
 from __future__ import annotations
 
@@ -24,8 +27,34 @@ def _embed_images(model: DualEncoder, pixels: Tensor, bs: int, device: torch.dev
 @torch.no_grad()
 def _embed_texts(model: DualEncoder, ids: Tensor, mask: Tensor, bs: int,
                  device: torch.device) -> Tensor:
-    return torch.cat([model.encode_text(ids[i:i + bs].to(device), mask[i:i + bs].to(device))[0].float()
+    return torch.cat([model.encode_text(ids[i:i + bs].to(device),
+                                        mask[i:i + bs].to(device))[0].float()
                       for i in range(0, len(ids), bs)])
+
+
+@torch.no_grad()
+def _embed_text_pixels(model: DualEncoder, pixels: Tensor, bs: int,
+                       device: torch.device) -> Tensor:
+    return torch.cat([model.encode_text(pixels[i:i + bs].to(device))[0].float()
+                      for i in range(0, len(pixels), bs)])
+
+
+def reads_rendered_text(model: object) -> bool:
+    """Whether ``model.encode_text`` takes text drawn as images (CLIPPO) rather than token ids."""
+    return getattr(model, "text_input", "tokens") == "pixels"
+
+
+def _text_embeds(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, bs: int,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """(caption embeds (N, D), class-prompt embeds (C * T, D)), from token ids or rendered text."""
+    if reads_rendered_text(model):
+        size = data.pixels.shape[-1]
+        return (_embed_text_pixels(model, data.rendered_captions(size), bs, device),
+                _embed_text_pixels(model, data.rendered_prompts(size), bs, device))
+    txt = _embed_texts(model, data.tokens, data.token_mask, bs, device)
+    ids, mask = tokenizer(class_prompts(data.classnames, data.templates))
+    prompts = _embed_texts(model, torch.from_numpy(ids), torch.from_numpy(mask), bs, device)
+    return txt, prompts
 
 
 @torch.no_grad()
@@ -36,9 +65,7 @@ def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
     model.eval()
     device = next(model.parameters()).device
     img = _embed_images(model, data.pixels, batch_size, device, data.refs)  # (N, D)
-    txt = _embed_texts(model, data.tokens, data.token_mask, batch_size, device)
-    ids, mask = tokenizer(class_prompts(data.classnames, data.templates))
-    prompts = _embed_texts(model, torch.from_numpy(ids), torch.from_numpy(mask), batch_size, device)
+    txt, prompts = _text_embeds(model, data, tokenizer, batch_size, device)  # (N, D), (C*T, D)
     classes = class_embeddings(prompts, len(data.classnames))              # (C, D)
     acc = topk_accuracy(img @ classes.T, data.labels.to(device), (1, 5))
     model.train(was_training)
@@ -46,4 +73,4 @@ def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
             "zero_shot_chance": 1.0 / len(data.classnames), **recall_at_k(img, txt)}
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "reads_rendered_text"]

@@ -28,9 +28,34 @@ class HeldOut:
     keys: list[str] = field(default_factory=list)
     refs: tuple[Tensor, Tensor, Tensor] | None = None
     """RA-CLIP: each image's retrieved (ref_image (N, k, Dr), ref_text (N, k, Dr), mask (N, k))."""
+    texts: list[str] = field(default_factory=list)
+    """The N paired caption strings (CLIPPO's evaluation renders them as images)."""
+    _rendered: dict[tuple[str, int], Tensor] = field(default_factory=dict, init=False,
+                                                     repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
+
+    def rendered_captions(self, size: int) -> Tensor:
+        """The captions drawn as images (``vlmray.data.render``): uint8 (N, 3, size, size);
+        rendered once per size and cached."""
+        if len(self.texts) != len(self):
+            raise ValueError(f"HeldOut has {len(self.texts)} caption strings for {len(self)} "
+                             f"images; a model reading rendered text needs HeldOut.texts "
+                             f"(load_heldout fills it)")
+        return self._render("captions", self.texts, size)
+
+    def rendered_prompts(self, size: int) -> Tensor:
+        """The class prompts (:func:`class_prompts`, class-major) drawn as images:
+        uint8 (C * T, 3, size, size); cached."""
+        return self._render("prompts", class_prompts(self.classnames, self.templates), size)
+
+    def _render(self, kind: str, texts: list[str], size: int) -> Tensor:
+        from vlmray.data.render import render_texts
+
+        if (kind, size) not in self._rendered:
+            self._rendered[kind, size] = torch.from_numpy(render_texts(texts, size))
+        return self._rendered[kind, size]
 
     def with_refs(self, uri: str) -> HeldOut:
         """A copy carrying the references of each row, read from the parquet file at ``uri``
@@ -70,6 +95,7 @@ def load_heldout(uri: str, spec: DecodeSpec, tokenizer: Tokenizer, *, max_sample
         labels=torch.from_numpy(batch[schema.LABEL][ok]),
         classnames=classnames, templates=templates, rows_rejected=int((~ok).sum()),
         keys=[str(k) for k in batch[schema.KEY][ok]],
+        texts=[str(t) for t in batch[schema.TEXT][ok]],
     )
 
 

@@ -97,3 +97,5 @@ def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) ->
 
 __all__ = ["MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
            "VisionTower", "build_dual_encoder", "build_model", "validate_model_config"]
+from vlmray.models import clippo as _clippo  # noqa: E402, F401  (registers the "clippo" arch)
+from vlmray.models import oner as _oner  # noqa: E402, F401  (registers the "oner" arch)

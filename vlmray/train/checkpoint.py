@@ -4,7 +4,7 @@ and ``config.json`` (enough to rebuild the model for evaluation)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,46 @@ PROGRESS = "progress.json"
 
 
 @dataclass
+class SourcePosition:
+    """Where one training source's stream stands: its epoch, and batches of that epoch
+    already trained on."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
 class Progress:
-    """Where training stands: optimiser steps done, and the position in the data stream."""
+    """Where training stands: optimiser steps done, and the position in the data stream.
+
+    One stream (``data.sampling="mixed"``): ``epoch`` and ``batch_in_epoch``, ``sources``
+    empty. Several streams (``"single_source"``): ``sources[k]`` is source k's position, and
+    ``epoch`` / ``batch_in_epoch`` mirror the source the last step drew from (informational).
+    Checkpoints written before ``sources`` existed load with it empty."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     samples_seen: int = 0
+    sources: list[SourcePosition] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        d = dict(d)
+        sources = [SourcePosition(**s) for s in d.pop("sources", [])]
+        return cls(**d, sources=sources)
+
+    def positions(self, n: int) -> list[SourcePosition]:
+        """The n sources' positions, created on first use: source 0 continues a single-stream
+        position (a checkpoint of a one-source run), the others start at the beginning. A
+        different, non-zero number of recorded sources is an error (the sources changed)."""
+        if not self.sources:
+            self.sources = [SourcePosition(self.epoch, self.batch_in_epoch)]
+            self.sources += [SourcePosition() for _ in range(n - 1)]
+        if len(self.sources) != n:
+            raise ValueError(f"the checkpoint records {len(self.sources)} data sources' "
+                             f"positions but this run has {n}: resume with the same sources")
+        return self.sources
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -57,7 +90,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return Progress(**state["progress"])
+    return Progress.from_dict(state["progress"])
 
 
 def read_config(path: str | Path) -> dict:
@@ -85,4 +118,5 @@ def find_latest(root: str | Path) -> Path | str | None:
     return to_uri(fs, best) if is_remote(str(root)) else Path(best)
 
 
-__all__ = ["Progress", "find_latest", "load_checkpoint", "read_config", "save_checkpoint"]
+__all__ = ["Progress", "SourcePosition", "find_latest", "load_checkpoint", "read_config",
+           "save_checkpoint"]

@@ -8,6 +8,7 @@ The model is written for one device; ``ray.train.torch.prepare_model`` applies D
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -22,11 +23,13 @@ import torch
 from torch import nn
 
 from vlmray.config import Config
+from vlmray.data.sources import choose_source
 from vlmray.data.storage import arrow_filesystem, is_remote, join
 from vlmray.distributed import Dist
 from vlmray.train.checkpoint import (
     PROGRESS,
     Progress,
+    SourcePosition,
     find_latest,
     load_checkpoint,
     save_checkpoint,
@@ -48,22 +51,75 @@ def _set_threads(cfg: Config) -> None:
     torch.set_num_threads(n)
 
 
-def _batches(shard: Any, cfg: Config, local_bs: int, progress: Progress) -> Iterator[dict]:
-    """Endless epochs over this worker's shard, resuming at ``progress``'s data position."""
+def _batches(shard: Any, cfg: Config, local_bs: int, pos: Progress | SourcePosition,
+             salt: int = 0) -> Iterator[dict]:
+    """Endless epochs over this worker's shard, resuming at ``pos`` (its ``epoch`` and
+    ``batch_in_epoch``; the caller counts each batch it trains on). ``salt`` (the source
+    index) gives each source its own shuffle order."""
     while True:
         it = shard.iter_torch_batches(
             batch_size=local_bs, drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 100_003 + progress.epoch)
+            local_shuffle_seed=cfg.train.seed * 100_003 + pos.epoch + salt * 7_919)
         seen = 0
         for i, batch in enumerate(it):
             seen += 1
-            if i < progress.batch_in_epoch:
+            if i < pos.batch_in_epoch:
                 continue  # already trained on before the restart
             yield batch
         if seen == 0:
             raise RuntimeError(f"a worker's shard holds fewer rows than one batch ({local_bs})")
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+
+
+def dataset_name(k: int) -> str:
+    """The Ray Train dataset name of training source k (``train``, ``train_1``, ...)."""
+    return "train" if k == 0 else f"train_{k}"
+
+
+class Streams:
+    """A worker's training data: one stream (``data.sampling="mixed"``), or one iterator per
+    source with ZeroVL's per-step choice (``source_sizes`` given: ``"single_source"``).
+    ``shards[k]`` is source k's data (anything with ``iter_torch_batches``: the worker's
+    dataset shard); positions live in ``progress``, so a checkpoint resumes every stream."""
+
+    def __init__(self, cfg: Config, local_bs: int, progress: Progress, shards: list[Any],
+                 source_sizes: list[int] | None = None) -> None:
+        self.seed, self.sizes = cfg.train.seed, source_sizes
+        if source_sizes is None:
+            self.positions: list[Progress | SourcePosition] = [progress]
+        else:
+            self.positions = list(progress.positions(len(source_sizes)))
+        if len(shards) != len(self.positions):
+            raise ValueError(f"{len(shards)} data shards for {len(self.positions)} sources")
+        self.iters = [_batches(shard, cfg, local_bs, pos, salt=k)
+                      for k, (shard, pos) in enumerate(zip(shards, self.positions))]
+
+    def next(self, step: int) -> tuple[int, dict]:
+        """(source index, local batch) for optimiser step ``step`` (0-based)."""
+        k = 0 if self.sizes is None else choose_source(self.seed, step, self.sizes)
+        return k, next(self.iters[k])
+
+    def trained(self, k: int, progress: Progress) -> None:
+        """Counts the batch of source k just trained on."""
+        pos = self.positions[k]
+        pos.batch_in_epoch += 1
+        if pos is not progress:
+            progress.epoch, progress.batch_in_epoch = pos.epoch, pos.batch_in_epoch
+
+
+def average_objective_grads(mix: nn.Module, dist: Dist) -> None:
+    """Averages the gradients of the objectives' own parameters (heads, predictors) over the
+    workers, as DDP does for the model's: one all-reduce of their flattened gradients. Frozen
+    parameters (an EMA teacher) are skipped; a parameter without a gradient counts as zero."""
+    params = [p for p in mix.parameters() if p.requires_grad]
+    if dist.world_size == 1 or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    flat = dist.all_reduce_sum(flat) / dist.world_size
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
 
 
 def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
@@ -75,9 +131,11 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist) ->
         result = mix(batch, out, dist)
     state.optimizer.zero_grad(set_to_none=True)
     result.loss.backward()
+    average_objective_grads(mix, dist)
     metrics = dict(result.metrics)
     if state.grad_clip > 0:
-        metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip).item()
+        params = itertools.chain(model.parameters(), mix.parameters())
+        metrics["grad_norm"] = nn.utils.clip_grad_norm_(params, state.grad_clip).item()
     state.optimizer.step()
     state.scheduler.step()
     metrics.update(lr=state.scheduler.get_last_lr()[0],
@@ -149,8 +207,10 @@ def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:
 
 def train_fn_per_worker(config: dict) -> None:
     """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str,
-    "eval_uri": str, "resume_from": str | None, "launch": str, "eval_refs": str}`` (``launch``
-    tags this driver run's ``"start"`` events; ``eval_refs`` is RA-CLIP's held-out references)."""
+    "eval_uri": str, "resume_from": str | None, "launch": str, "eval_refs": str,
+    "source_sizes": list[int] | None}`` (``launch`` tags this driver run's ``"start"`` events;
+    ``eval_refs`` is RA-CLIP's held-out references; ``source_sizes``, the rows of each training
+    source, turns on single-source sampling over datasets ``train``, ``train_1``, ...)."""
     cfg = Config.from_dict(config["cfg"])
     _set_threads(cfg)
     device = ray.train.torch.get_device()
@@ -165,36 +225,51 @@ def train_fn_per_worker(config: dict) -> None:
         return  # restored from a checkpoint that already reached train.steps
     evaluator = (state.evaluator(config["eval_uri"], config.get("eval_refs", ""))
                  if dist.is_main else None)
-    shard = ray.train.get_dataset_shard("train")
     local_bs = cfg.train.batch_size // dist.world_size
-    t_last, wait, steps_in_window = time.perf_counter(), 0.0, 0
-    t_fetch = time.perf_counter()
-    for batch in _batches(shard, cfg, local_bs, state.progress):
-        wait += time.perf_counter() - t_fetch
+    sizes = config.get("source_sizes")
+    shards = [ray.train.get_dataset_shard(dataset_name(k)) for k in range(len(sizes or [0]))]
+    streams = Streams(cfg, local_bs, state.progress, shards, sizes)
+    window = {"t_last": time.perf_counter(), "wait": 0.0, "steps": 0}
+    while True:
+        t_fetch = time.perf_counter()
+        k, batch = streams.next(state.progress.step)
+        window["wait"] += time.perf_counter() - t_fetch
         metrics = train_step(state, batch, dist)
         p = state.progress
-        p.step, p.batch_in_epoch, p.samples_seen = p.step + 1, p.batch_in_epoch + 1, p.samples_seen + cfg.train.batch_size
-        steps_in_window += 1
+        streams.trained(k, p)
+        p.step, p.samples_seen = p.step + 1, p.samples_seen + cfg.train.batch_size
+        if streams.sizes is not None:
+            metrics["source_index"] = k
+        window["steps"] += 1
         done = p.step >= cfg.train.steps
-        ckpt_due = done or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0)
-        eval_due = done or (cfg.eval.every and p.step % cfg.eval.every == 0)
-        if p.step % cfg.train.log_every == 0 or ckpt_due or eval_due:
-            elapsed = time.perf_counter() - t_last
-            metrics.update(step=p.step, epoch=p.epoch, samples_seen=p.samples_seen,
-                           samples_per_s=steps_in_window * cfg.train.batch_size / elapsed,
-                           data_wait_frac=wait / elapsed, temperature=1.0 / metrics["logit_scale"])
-            if evaluator is not None and eval_due:
-                metrics.update(evaluator(state.core))
-            history.log(metrics)
-            if ckpt_due:
-                _checkpoint_and_report(state, metrics, config["cfg"], dist)
-            else:
-                ray.train.report(metrics)
-            _maybe_inject_fault(p.step, config["run_dir"], dist)
-            t_last, wait, steps_in_window = time.perf_counter(), 0.0, 0
+        _log_step(state, metrics, window, config, evaluator, history, dist, done=done)
         if done:
             break
-        t_fetch = time.perf_counter()
 
 
-__all__ = ["FAULT_AT_STEP_ENV", "train_fn_per_worker", "train_step"]
+def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, evaluator: Any,
+              history: History, dist: Dist, *, done: bool) -> None:
+    """Logs, evaluates, checkpoints and reports the step just taken when one of them is due;
+    ``window`` holds the time, data wait and steps since the last logged step."""
+    cfg, p = state.cfg, state.progress
+    ckpt_due = done or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0)
+    eval_due = done or (cfg.eval.every and p.step % cfg.eval.every == 0)
+    if not (p.step % cfg.train.log_every == 0 or ckpt_due or eval_due):
+        return
+    elapsed = time.perf_counter() - window["t_last"]
+    metrics.update(step=p.step, epoch=p.epoch, samples_seen=p.samples_seen,
+                   samples_per_s=window["steps"] * cfg.train.batch_size / elapsed,
+                   data_wait_frac=window["wait"] / elapsed,
+                   temperature=1.0 / metrics["logit_scale"])
+    if evaluator is not None and eval_due:
+        metrics.update(evaluator(state.core))
+    history.log(metrics)
+    if ckpt_due:
+        _checkpoint_and_report(state, metrics, config["cfg"], dist)
+    else:
+        ray.train.report(metrics)
+    _maybe_inject_fault(p.step, config["run_dir"], dist)
+    window.update(t_last=time.perf_counter(), wait=0.0, steps=0)
+
+
+__all__ = ["FAULT_AT_STEP_ENV", "Streams", "dataset_name", "train_fn_per_worker", "train_step"]

@@ -11,10 +11,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlmray.config import Config, ConfigError, TrainConfig
-from vlmray.train.loop import train_fn_per_worker
+from vlmray.train.loop import dataset_name, train_fn_per_worker
 
 
-def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ray.train.ScalingConfig:
+def scaling_for(cfg: TrainConfig,
+                cluster: dict[str, float] | None = None) -> ray.train.ScalingConfig:
     """One worker per GPU when the cluster has GPUs (NCCL, bf16), else CPU workers (gloo) that
     reserve fractional CPUs so Ray Data keeps cores to read and decode with."""
     cluster = ray.cluster_resources() if cluster is None else cluster
@@ -32,9 +33,18 @@ def scaling_for(cfg: TrainConfig, cluster: dict[str, float] | None = None) -> ra
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_uri: str,
                   resume_from: str | None = None, launch: str = "",
-                  eval_refs: str = "") -> TorchTrainer:
+                  eval_refs: str = "", source_sizes: list[int] | None = None) -> TorchTrainer:
     """The run's ``TorchTrainer``: ``resume_from`` is a checkpoint directory (path or URI) to
-    start from when Ray Train has none of its own; ``launch`` tags this driver run's events."""
+    start from when Ray Train has none of its own; ``launch`` tags this driver run's events.
+    ``source_sizes`` (rows per training source, datasets named by
+    :func:`vlmray.train.loop.dataset_name`) turns on single-source sampling: each step's
+    global batch comes from one source, drawn with probability proportional to its size."""
+    if source_sizes is not None:
+        missing = [dataset_name(k) for k in range(len(source_sizes))
+                   if dataset_name(k) not in datasets]
+        if len(source_sizes) < 2 or missing:
+            raise ConfigError(f"single-source sampling needs >= 2 sources and a dataset for "
+                              f"each; sizes {source_sizes}, missing datasets {missing}")
     scaling = scaling_for(cfg.train)
     if cfg.train.batch_size % scaling.num_workers:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
@@ -51,7 +61,7 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri,
                            "resume_from": resume_from, "launch": launch,
-                           "eval_refs": eval_refs},
+                           "eval_refs": eval_refs, "source_sizes": source_sizes},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
     )
