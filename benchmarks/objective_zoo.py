@@ -139,6 +139,23 @@ def overrides(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     return o
 
 
+def same_noise_sources(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """For a recipe with extra built-in sources (zerovl_tiny), those sources generated at the
+    zoo's mismatch rate too, so no recipe gets cleaner data than the others."""
+    extra = recipe(name).data.extra_sources
+    if not extra:
+        return {}
+    fair = []
+    for spec in extra:
+        if spec.startswith("builtin"):
+            head, _, query = spec.partition("?")
+            params = dict(p.split("=", 1) for p in query.split("&") if p)
+            params["mismatch_frac"] = str(args.mismatch)
+            spec = head + "?" + "&".join(f"{k}={v}" for k, v in params.items())
+        fair.append(spec)
+    return {"data.extra_sources": json.dumps(fair)}
+
+
 def describe(name: str, o: dict[str, Any]) -> dict[str, Any]:
     """Objectives, batch size and what the recipe spends beyond the shared budget."""
     cfg = recipe(name, **{k: str(v) for k, v in o.items()})
@@ -154,6 +171,16 @@ def describe(name: str, o: dict[str, Any]) -> dict[str, Any]:
                      "(pretrained) caption embeddings")
     if cfg.data.image_size != recipe(BASELINE).data.image_size:
         notes.append(f"{cfg.model.vision} at {cfg.data.image_size} px")
+    if cfg.model.arch != "dual_encoder":
+        notes.append(f"model.arch={cfg.model.arch}")
+    if cfg.data.extra_sources:
+        notes.append(f"+ extra sources {', '.join(cfg.data.extra_sources)} "
+                     f"({cfg.data.sampling} sampling)")
+    v = cfg.data.views
+    if v.enabled:
+        kinds = [*v.image, *v.text] + (["mlm"] if v.mlm_prob else []) + (
+            ["rendered text"] if v.render_text else [])
+        notes.append("views: " + ", ".join(kinds))
     return {"objectives": objectives, "batch_size": cfg.train.batch_size,
             "notes": "; ".join(notes)}
 
@@ -279,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         print(f"[zoo] {name} ...", file=sys.stderr, flush=True)
-        rows.append(run_recipe(name, o, out, args.timeout))
+        rows.append(run_recipe(name, {**o, **same_noise_sources(name, args)}, out, args.timeout))
         print(f"[zoo] {name}: {rows[-1]['status']} {rows[-1].get('zero_shot_top1')}",
               file=sys.stderr, flush=True)
     add_deltas(rows)
