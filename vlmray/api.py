@@ -92,6 +92,7 @@ def _check_run_dir(run_dir: str, resume: bool) -> None:
 def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
     """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
     from vlmray.data.ingest import run_ingest
+    from vlmray.data.stream import stream_ingest, stream_summary
     from vlmray.train.checkpoint import find_latest
     from vlmray.train.history import read_events, read_history
     from vlmray.train.report import dedup_by_step, write_json, write_summary
@@ -109,19 +110,28 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     init_ray()
     plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
     cfg = plan.config if plan else cfg
-    ingests = [run_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)),
-                          retrieval=plan.stages if plan and k == 0 else None)
-               for k, uri in enumerate(train_uris)]
-    ingest_summary = _ingest_summary(cfg, ingests)
-    print(f"[vlmray] ingest: {ingest_summary}", flush=True)
+    if cfg.data.stream:
+        streams = [stream_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)))
+                   for k, uri in enumerate(train_uris)]
+        trains, sizes = [train for train, _ in streams], [0] * len(streams)
+        print("[vlmray] ingest: streaming (counts follow training)", flush=True)
+    else:
+        ingests = [run_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)),
+                              retrieval=plan.stages if plan and k == 0 else None)
+                   for k, uri in enumerate(train_uris)]
+        ingest_summary = _ingest_summary(cfg, [i.summary() for i in ingests])
+        print(f"[vlmray] ingest: {ingest_summary}", flush=True)
+        trains, sizes = [i.train for i in ingests], [i.rows_accepted for i in ingests]
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
-    datasets, sizes = _train_datasets(cfg, [i.train for i in ingests],
-                                      [i.rows_accepted for i in ingests])
+    datasets, sizes = _train_datasets(cfg, trains, sizes)
     trainer = build_trainer(cfg, datasets, run_dir=run_dir, eval_uri=eval_uri,
                             resume_from=str(latest) if latest else None, launch=launch,
                             eval_refs=plan.eval_refs if plan else "", source_sizes=sizes)
     result = trainer.fit()
+    if cfg.data.stream:
+        ingest_summary = _ingest_summary(cfg, [stream_summary(tally) for _, tally in streams])
+        print(f"[vlmray] ingest (streamed): {ingest_summary}", flush=True)
     rows = dedup_by_step(read_history(run_dir))
     summary = _summarise(rows, ingest_summary, time.perf_counter() - t0)
     summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
@@ -136,12 +146,11 @@ def _rejects_dir(k: int) -> str:
     return "rejects" if k == 0 else f"rejects-{k}"
 
 
-def _ingest_summary(cfg: Config, ingests: list[Any]) -> dict[str, Any]:
+def _ingest_summary(cfg: Config, per: list[dict[str, Any]]) -> dict[str, Any]:
     """One source: its ingest summary. Several: the totals over all sources (reasons summed)
     and ``sources``, each source's own summary with its spec and rejects directory."""
-    if len(ingests) == 1:
-        return ingests[0].summary()
-    per = [i.summary() for i in ingests]
+    if len(per) == 1:
+        return per[0]
     reasons: dict[str, int] = {}
     for s in per:
         for reason, n in s["reject_reasons"].items():

@@ -87,6 +87,10 @@ class DataConfig:
     proportional to its size."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
     """Coin-flip image-text mixup after the views stage (``prob`` 0: off)."""
+    stream: bool = False
+    """Stream training rows straight from the shards every epoch (read, decode, validate),
+    materialising nothing, for data larger than the object store (ALIGN-scale). Rows are
+    still each counted once and rejects written once; the counts cover the rows read."""
 
     def __post_init__(self) -> None:
         from vlmray.data.sources import check_sources
@@ -95,6 +99,15 @@ class DataConfig:
             raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "
                               f"{list(SAMPLING_CHOICES)}")
         check_sources(self)   # single_source needs >= 2 sources; specs; no repeats; retrieval
+        if self.stream:
+            clash = [name for name, on in (
+                ("data.curate (its dedup sees the whole dataset)", self.curate),
+                ("data.retrieval (its index is built over the rows first)",
+                 self.retrieval.enabled or self.retrieval.reference_fraction > 0),
+                ("data.sampling='single_source' (it draws by source sizes)",
+                 self.sampling == "single_source")) if on]
+            if clash:
+                raise ConfigError("data.stream=true cannot be combined with " + ", ".join(clash))
 
 
 @dataclass(kw_only=True)

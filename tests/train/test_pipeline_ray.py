@@ -81,3 +81,24 @@ def test_evaluate_job_scores_a_checkpoint(first_run: vlmray.RunResult) -> None:
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["eval_rows"] == 60 and 0.0 <= m["zero_shot_top1"] <= 1.0
     assert m["step"] >= 8
+
+
+def test_streamed_run_counts_each_row_once(ray_local, tmp_path) -> None:
+    """``data.stream``: nothing materialised, 16 steps of 32 = 1.3 passes over the 384 accepted
+    rows, so every row is read and some twice; each is still counted and written once."""
+    cfg = vlmray.recipe("clip_tiny", **{**SMALL, "train.steps": 16, "data.stream": True,
+                                        "data.shuffle_buffer": 0})
+    result = vlmray.run(cfg, output=str(tmp_path / "streamed"))
+    m = result.metrics
+    assert m["streamed"] is True and m["steps"] == 16
+    assert m["rows_in"] == 400 and m["rows_accepted"] == 384
+    assert m["reject_reasons"] == {"decode_error": 8, "text_too_long": 8}
+    keys = pq.read_table(Path(result.run_dir) / "rejects").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 16
+
+
+def test_stream_refuses_what_needs_the_whole_dataset() -> None:
+    with pytest.raises(vlmray.ConfigError, match="data.curate"):
+        vlmray.recipe("clip_tiny", **{"data.stream": True, "data.curate": True})
+    with pytest.raises(vlmray.ConfigError, match="data.retrieval"):
+        vlmray.recipe("raclip_tiny", **{"data.stream": True})
