@@ -6,7 +6,7 @@
 Three parts, rank 0 prints ONE JSON line:
 
 - ``exact``: for each gathered objective (clip local, siglip ring and gather, filip, unicl,
-  declip_nns index) the W-worker loss (mean of the local losses) and the worker-averaged
+  declip_nns index, declip_mv, pyramidclip, nlip after a GMM refit) the W-worker loss (mean of the local losses) and the worker-averaged
   input gradients (what DDP's average gives parameters) against one process computing the same
   objective on the whole global batch, in float32 with TF32 off: max absolute differences.
 - ``step``: the recipe's real model wrapped in DDP, ``--steps`` optimiser steps on random
@@ -35,14 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlmray.data import schema  # noqa: E402
 from vlmray.distributed import Dist  # noqa: E402
-from vlmray.models.outputs import NN_TEXT_EMBEDS, Outputs  # noqa: E402
+from vlmray.models.outputs import (  # noqa: E402
+    IMAGE_VIEW_EMBEDS,
+    NN_TEXT_EMBEDS,
+    TEXT_VIEW_EMBEDS,
+    Outputs,
+)
 from vlmray.objectives import ObjectiveSpec, build_objective  # noqa: E402
 from vlmray.recipes import recipe  # noqa: E402
 from vlmray.train.loop import train_step  # noqa: E402
 from vlmray.train.state import build_state  # noqa: E402
 
 OBJECTIVES = [("clip", {}), ("siglip", {"exchange": "ring"}), ("siglip", {"exchange": "gather"}),
-              ("filip", {}), ("unicl", {}), ("declip_nns", {"source": "index"})]
+              ("filip", {}), ("unicl", {}), ("declip_nns", {"source": "index"}),
+              ("declip_mv", {}), ("pyramidclip", {"attribute_view": 1}),
+              ("nlip", {"start_step": 0, "refit_every": 1, "buffer_size": 64})]
 
 
 def global_inputs(n: int, dim: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,6 +57,8 @@ def global_inputs(n: int, dim: int, device: torch.device) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(0)
     leaves = {"image": torch.randn(n, dim, generator=g), "text": torch.randn(n, dim, generator=g),
               "nn_text": torch.randn(n, dim, generator=g),
+              "image_views": torch.randn(n, 1, dim, generator=g),
+              "text_views": torch.randn(n, 2, dim, generator=g),
               "image_tokens": torch.randn(n, 5, dim, generator=g),
               "text_tokens": torch.randn(n, 4, dim, generator=g),
               "log_scale": torch.tensor(2.0), "bias": torch.tensor(-2.0)}
@@ -69,6 +78,8 @@ def loss_on(rows: slice, x: dict[str, torch.Tensor], name: str, params: dict,
                   text_mask=x["text_mask"][rows], logit_scale=x["log_scale"].exp(),
                   logit_bias=x["bias"])
     out.extra[NN_TEXT_EMBEDS] = F.normalize(x["nn_text"][rows], dim=-1)
+    out.extra[IMAGE_VIEW_EMBEDS] = F.normalize(x["image_views"][rows], dim=-1)
+    out.extra[TEXT_VIEW_EMBEDS] = F.normalize(x["text_views"][rows], dim=-1)
     batch = {schema.LABEL: x["labels"][rows]}
     return build_objective(ObjectiveSpec(name=name, params=params)).to(x["image"].device)(
         batch, out, dist).loss

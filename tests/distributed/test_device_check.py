@@ -25,7 +25,8 @@ def test_device_check_runs_under_torchrun_and_reports_exact_gathers() -> None:
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     names = {(r["objective"], r.get("exchange", "")) for r in report["exact"]}
-    assert {("clip", ""), ("siglip", "ring"), ("filip", ""), ("unicl", "")} <= names
+    assert {("clip", ""), ("siglip", "ring"), ("filip", ""), ("unicl", ""), ("declip_mv", ""),
+            ("pyramidclip", ""), ("nlip", "")} <= names
     for r in report["exact"]:                       # float32: W workers == one process
         assert r["loss_diff"] < 1e-5 and r["grad_max_diff"] < 1e-5, r
     assert [s["recipe"] for s in report["step"]] == ["clip_tiny", "siglip_tiny"]
