@@ -13,13 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
-from vlmray.models.outputs import (
-    IMAGE_VIEW_EMBEDS,
-    MLM_STATES,
-    NN_TEXT_EMBEDS,
-    TEXT_VIEW_EMBEDS,
-    Outputs,
-)
+from vlmray.models.extras import batch_columns, encode_view_extras
+from vlmray.models.outputs import MLM_STATES, Outputs
 from vlmray.models.retrieval_aug import RetrievalAugmentation
 from vlmray.models.towers import TextTower, VisionTower
 
@@ -105,25 +100,11 @@ class DualEncoder(nn.Module):
                       needs: Collection[str]) -> dict[str, Tensor]:
         """The ``Outputs.extra`` entries in ``needs`` that re-use the two towers on extra
         columns: neighbour captions, augmented image and text views, masked captions."""
-        extra: dict[str, Tensor] = {}
-        if NN_TEXT_EMBEDS in needs:
-            nn_ids, nn_mask = _columns(batch, (schema.NN_TOKENS, schema.NN_TOKEN_MASK),
-                                       "nn_text_embeds (the DeCLIP nearest-neighbour stage)")
-            extra[NN_TEXT_EMBEDS] = self.encode_text(nn_ids, nn_mask)[0]       # (B, D)
-        if IMAGE_VIEW_EMBEDS in needs:
-            (views,) = _columns(batch, (schema.PIXELS_VIEWS,), "image_view_embeds "
-                                "(data.views.image)")
-            b, v = views.shape[:2]
-            emb = self.encode_image(views.flatten(0, 1), refs=self._references(batch, v))[0]
-            extra[IMAGE_VIEW_EMBEDS] = emb.view(b, v, -1)                       # (B, V, D)
-        if TEXT_VIEW_EMBEDS in needs:
-            ids, mask = _columns(batch, (schema.TOKENS_VIEWS, schema.TOKEN_MASK_VIEWS),
-                                 "text_view_embeds (data.views.text)")
-            b, v = ids.shape[:2]
-            emb = self.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))[0]
-            extra[TEXT_VIEW_EMBEDS] = emb.view(b, v, -1)                        # (B, V_t, D)
+        extra = encode_view_extras(self, batch, needs,
+                                   view_refs=lambda v: self._references(batch, v))
         if MLM_STATES in needs:
-            (ids,) = _columns(batch, (schema.MLM_TOKENS,), "mlm_states (data.views.mlm_prob)")
+            (ids,) = batch_columns(batch, (schema.MLM_TOKENS,),
+                                   "mlm_states (data.views.mlm_prob)")
             extra[MLM_STATES] = self.text(ids, batch[schema.TOKEN_MASK])        # (B, L, C)
         return extra
 
@@ -133,20 +114,12 @@ class DualEncoder(nn.Module):
         if self.retrieval is None:
             return None
         cols = (schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK)
-        refs = _columns(batch, cols, "the retrieval augmentation module (model.ra_layers > 0)")
+        refs = batch_columns(batch, cols,
+                             "the retrieval augmentation module (model.ra_layers > 0)")
         if repeat > 1:
             refs = [r.repeat_interleave(repeat, dim=0) for r in refs]
         ref_image, ref_text, ref_mask = refs
         return ref_image, ref_text, ref_mask
-
-
-def _columns(batch: Mapping[str, Tensor], names: tuple[str, ...], why: str) -> list[Tensor]:
-    """``[batch[n] for n in names]``, or a clear error naming the missing columns."""
-    missing = [n for n in names if n not in batch]
-    if missing:
-        raise ValueError(f"batch has no column(s) {missing}, needed by {why}; the batch has "
-                       f"{sorted(batch)}")
-    return [batch[n] for n in names]
 
 
 __all__ = ["DualEncoder"]

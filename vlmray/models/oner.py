@@ -31,13 +31,8 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models import MODEL_ARCHS
-from vlmray.models.outputs import (
-    IMAGE_VIEW_EMBEDS,
-    MLM_STATES,
-    NN_TEXT_EMBEDS,
-    TEXT_VIEW_EMBEDS,
-    Outputs,
-)
+from vlmray.models.extras import encode_view_extras
+from vlmray.models.outputs import MLM_STATES, Outputs
 
 if TYPE_CHECKING:
     from vlmray.config import ModelConfig
@@ -189,31 +184,9 @@ class OneR(nn.Module):
     def encode_extras(self, batch: Mapping[str, Tensor],
                       needs: Collection[str]) -> dict[str, Tensor]:
         """The dual encoder's re-encoded extras: neighbour captions, image and text views."""
-        extra: dict[str, Tensor] = {}
         if MLM_STATES in needs:
             raise ValueError("oner does not produce mlm_states (it has no text-only tower)")
-        if NN_TEXT_EMBEDS in needs:
-            ids, mask = _columns(batch, (schema.NN_TOKENS, schema.NN_TOKEN_MASK), NN_TEXT_EMBEDS)
-            extra[NN_TEXT_EMBEDS] = self.encode_text(ids, mask)[0]             # (B, D)
-        if IMAGE_VIEW_EMBEDS in needs:
-            (views,) = _columns(batch, (schema.PIXELS_VIEWS,), IMAGE_VIEW_EMBEDS)
-            b, v = views.shape[:2]
-            extra[IMAGE_VIEW_EMBEDS] = self.encode_image(views.flatten(0, 1))[0].view(b, v, -1)
-        if TEXT_VIEW_EMBEDS in needs:
-            ids, mask = _columns(batch, (schema.TOKENS_VIEWS, schema.TOKEN_MASK_VIEWS),
-                                 TEXT_VIEW_EMBEDS)
-            b, v = ids.shape[:2]
-            emb = self.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))[0]
-            extra[TEXT_VIEW_EMBEDS] = emb.view(b, v, -1)                        # (B, V_t, D)
-        return extra
-
-
-def _columns(batch: Mapping[str, Tensor], names: tuple[str, ...], why: str) -> list[Tensor]:
-    missing = [n for n in names if n not in batch]
-    if missing:
-        raise ValueError(f"batch has no column(s) {missing}, needed by {why}; the batch has "
-                         f"{sorted(batch)}")
-    return [batch[n] for n in names]
+        return encode_view_extras(self, batch, needs)
 
 
 @MODEL_ARCHS.register("oner")
