@@ -5,7 +5,10 @@
     result = mix(batch, outputs, dist)         # LossResult(loss, metrics)
 """
 
-from vlmray.objectives import contrastive  # noqa: E402,F401  (registers "clip")
+from vlmray.objectives import (
+    alignment,  # noqa: E402,F401  (registers "itm")
+    contrastive,  # noqa: E402,F401  (registers "clip")
+)
 from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.mix import ObjectiveMix
 from vlmray.objectives.registry import (

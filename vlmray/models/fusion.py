@@ -1,0 +1,82 @@
+"""A small multimodal fusion encoder (ALBEF / BLIP / FLAVA style): text tokens attend to each
+other and cross-attend to image tokens; the first text position's state represents the pair.
+
+Single-device code: no collectives. Objectives that need a fused pair representation (ITM)
+own one of these and call it on (text tokens, image tokens, text mask).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class FusionLayer(nn.Module):
+    """Pre-norm block: self-attention over text, cross-attention to the image, then an MLP.
+
+        x <- x + SelfAttn(LN(x), mask);  x <- x + CrossAttn(LN(x), image);  x <- x + MLP(LN(x))
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"FusionLayer: dim={dim} is not divisible by heads={heads}")
+        hidden = max(1, int(dim * mlp_ratio))
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_image = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, text: Tensor, image: Tensor, padding: Tensor | None) -> Tensor:
+        """text (B, L, D), image (B, N, D), padding (B, L) bool, True = ignore -> (B, L, D)."""
+        h = self.norm_self(text)
+        text = text + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        h, kv = self.norm_cross(text), self.norm_image(image)
+        text = text + self.cross_attn(h, kv, kv, need_weights=False)[0]
+        return text + self.mlp(self.norm_mlp(text))
+
+
+class FusionEncoder(nn.Module):
+    """``layers`` fusion blocks of width ``dim`` with ``heads`` attention heads, then a LayerNorm.
+
+    ``forward(text, image, text_mask)``: text tokens (B, L, D) attend to themselves (padded
+    positions, ``text_mask == False``, are never attended to) and cross-attend to all image
+    tokens (B, N, D); returns the fused text states (B, L, D). ``states[:, 0]`` (the first
+    position, CLS / BOS) is the pair representation (``pooled``).
+    """
+
+    def __init__(self, dim: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim < 1 or layers < 1 or heads < 1:
+            raise ValueError(f"FusionEncoder needs dim, layers, heads >= 1; got {dim}, {layers}, "
+                             f"{heads}")
+        self.dim = dim
+        self.layers = nn.ModuleList(FusionLayer(dim, heads, mlp_ratio) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """(B, L, D), (B, N, D), optional (B, L) (True / nonzero = real token) -> (B, L, D)."""
+        if text.ndim != 3 or image.ndim != 3 or text.shape[0] != image.shape[0]:
+            raise ValueError(f"FusionEncoder: need text (B, L, D) and image (B, N, D); got "
+                             f"{tuple(text.shape)} and {tuple(image.shape)}")
+        if text.shape[-1] != self.dim or image.shape[-1] != self.dim:
+            raise ValueError(f"FusionEncoder: width {self.dim}, got text {text.shape[-1]} and "
+                             f"image {image.shape[-1]}")
+        padding = None
+        if text_mask is not None:
+            if text_mask.shape != text.shape[:2]:
+                raise ValueError(f"FusionEncoder: text_mask {tuple(text_mask.shape)} does not "
+                                 f"match text {tuple(text.shape[:2])}")
+            padding = ~text_mask.bool()
+        for layer in self.layers:
+            text = layer(text, image, padding)
+        return self.norm(text)
+
+    def pooled(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """The pair representation: the first position's fused state, (B, D)."""
+        return self(text, image, text_mask)[:, 0]
+
+
+__all__ = ["FusionEncoder", "FusionLayer"]

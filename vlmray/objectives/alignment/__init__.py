@@ -1,0 +1,6 @@
+"""Alignment objectives that score image-text pairs through a fusion encoder (ITM).
+Importing registers them."""
+
+from vlmray.objectives.alignment.itm import ItmLoss
+
+__all__ = ["ItmLoss"]
