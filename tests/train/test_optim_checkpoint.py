@@ -188,5 +188,9 @@ def test_find_latest_picks_the_highest_step(tmp_path: Path) -> None:
     partial = tmp_path / "run" / "b_partial"                        # no state.pt: not complete
     partial.mkdir()
     (partial / "progress.json").write_text(json.dumps({"step": 100}))
+    copying = tmp_path / "run" / "c_copying"       # state.pt there, progress.json still empty
+    save_checkpoint(copying, model=model, optimizer=opt, scheduler=sched,
+                    progress=Progress(step=200), config={})
+    (copying / "progress.json").write_text("")
     assert find_latest(tmp_path) == tmp_path / "run" / "a_second"
     assert find_latest(tmp_path / "run" / "m_third") == tmp_path / "run" / "m_third"

@@ -101,7 +101,8 @@ def find_latest(root: str | Path) -> Path | str | None:
     """The checkpoint directory under ``root`` (itself included) with the most steps, or None.
 
     ``root`` is a local path or a URI (``s3://bucket/run/ray``); a directory counts once both its
-    ``progress.json`` and ``state.pt`` exist. Returns a ``Path`` for a local root (absolute) and
+    ``progress.json`` and ``state.pt`` exist and ``progress.json`` parses (Ray Train copies a
+    reported checkpoint into storage file by file, so a reader may meet it half-written). Returns a ``Path`` for a local root (absolute) and
     a URI string for a remote one.
     """
     fs, base = filesystem(str(root))
@@ -110,7 +111,10 @@ def find_latest(root: str | Path) -> Path | str | None:
         parent = marker.rsplit("/", 1)[0]
         if not fs.isfile(join(parent, STATE)):
             continue
-        step = json.loads(fs.cat_file(marker))["step"]
+        try:
+            step = int(json.loads(fs.cat_file(marker))["step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # still being copied into storage (empty or partial): not complete yet
         if step > best_step:
             best, best_step = parent, step
     if best is None:
