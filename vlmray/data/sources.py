@@ -34,14 +34,6 @@ def is_builtin(spec: str) -> bool:
     return spec == BUILTIN or spec.startswith(BUILTIN + ":")
 
 
-def _coerce(tp: object, text: str, name: str) -> object:
-    if tp is int:
-        return int(text)
-    if tp is float:
-        return float(text)
-    raise ValueError(f"{name}: field of type {tp} cannot be set in a builtin source spec")
-
-
 def builtin_config(spec: str, base: SyntheticConfig) -> SyntheticConfig:
     """The generator settings of ``builtin`` / ``builtin:<seed>[?field=value&...]``; ``base``
     supplies every field the spec does not set. Raises ``ValueError`` naming valid fields."""
@@ -56,6 +48,8 @@ def builtin_config(spec: str, base: SyntheticConfig) -> SyntheticConfig:
         except ValueError:
             raise ValueError(f"data source {spec!r}: seed {seed_text!r} is not an integer "
                              "(write 'builtin:<seed>')") from None
+    from vlmray.config import parse_value  # lazy: config imports this module's checks
+
     hints = typing.get_type_hints(SyntheticConfig)
     valid = sorted(f.name for f in dataclasses.fields(SyntheticConfig))
     for part in filter(None, query.split("&")):
@@ -64,9 +58,9 @@ def builtin_config(spec: str, base: SyntheticConfig) -> SyntheticConfig:
             raise ValueError(f"data source {spec!r}: {part!r} is not 'field=value' with a "
                              f"field of SyntheticConfig; valid fields: {valid}")
         try:
-            changes[name] = _coerce(hints[name], value, name)
+            changes[name] = parse_value(hints[name], value, name)
         except ValueError as e:
-            raise ValueError(f"data source {spec!r}: {name}={value!r}: {e}") from None
+            raise ValueError(f"data source {spec!r}: {e}") from None
     return dataclasses.replace(base, **changes)
 
 

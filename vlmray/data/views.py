@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlmray.data import schema
-from vlmray.data.render import render_text
+from vlmray.data.render import render_texts
 from vlmray.data.view_ops import (
     TEXT_VIEWS,
     colour_jitter,
@@ -153,10 +153,7 @@ class ViewStage:
                 vocab_size=tok.vocab_size)
         if v.render_text:
             size = batch[schema.PIXELS].shape[-1]
-            rendered = np.empty((len(texts), 3, size, size), dtype=np.uint8)   # (B, 3, S, S)
-            for i, text in enumerate(texts):
-                rendered[i] = render_text(text, size)
-            out[schema.TEXT_PIXELS] = rendered
+            out[schema.TEXT_PIXELS] = render_texts(texts, size)                # (B, 3, S, S)
         return out
 
     def image_views(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
