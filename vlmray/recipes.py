@@ -253,3 +253,5 @@ def list_recipes() -> list[str]:
 
 
 __all__ = ["RECIPES", "list_recipes", "recipe"]
+
+from vlmray import recipes_generative as _generative  # noqa: E402, F401  (registers)

@@ -43,6 +43,13 @@ MLM_TOKENS = "mlm_tokens"          # int64 (L,): TOKENS with data.views.mlm_prob
 MLM_LABELS = "mlm_labels"          # int64 (L,): original id where masked, else -100 (ignored)
 TEXT_PIXELS = "text_pixels"        # uint8 (3, H, W): the caption rendered as an image (CLIPPO)
 
+# --- masks and regions for generative / alignment objectives (issue 7) -----------------------
+PATCH_MASK = "patch_mask"          # bool (N_patches,): True = masked (MIM / MAE / MMM); added per
+                                   # step by the objective (Objective.prepare), row-major grid
+REGION_BOXES = "region_boxes"      # float32 (K, 4): (x0, y0, x1, y1) in [0, 1], zero-padded
+REGION_SPANS = "region_spans"      # int64 (K, L): 1 on the caption tokens naming region k's phrase
+REGION_MASK = "region_mask"        # int64 (K,): 1 where region k is real and its phrase was found
+
 # --- curation: provenance, signals, accounting ---------------------------------------------
 URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
 SOURCE = "source"                  # str: the input file a row was read from
@@ -67,7 +74,7 @@ __all__ = [
     "KEY", "IMAGE", "TEXT", "META", "TEXTS_AUG", "SYNTHETIC_CAPTION", "LABEL", "BOXES",
     "PHRASES", "NEIGHBOURS", "NEIGHBOUR_SCORES", "IMAGE_EMBED", "TEXT_EMBED", "REF_IMAGE_EMBEDS",
     "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS", "TOKEN_MASK",
-    "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS", "TEXT_PIXELS", "URL", "SOURCE", "ROW_ID", "WIDTH",
+    "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS", "TEXT_PIXELS", "PATCH_MASK", "REGION_BOXES", "REGION_SPANS", "REGION_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
     "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

@@ -12,6 +12,7 @@ from vlmray.data.tokenize import Tokenizer
 from vlmray.eval.heldout import HeldOut, class_prompts
 from vlmray.eval.metrics import class_embeddings, recall_at_k, topk_accuracy
 from vlmray.models import DualEncoder
+from vlmray.objectives import ObjectiveMix
 
 
 @torch.no_grad()
@@ -59,8 +60,24 @@ def _text_embeds(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, bs: in
 
 @torch.no_grad()
 def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
-             batch_size: int = 256) -> dict[str, float]:
-    """Returns zero_shot_top1/top5, zero_shot_chance and retrieval_{i2t,t2i}_r{1,5,10}."""
+             batch_size: int = 256, objectives: ObjectiveMix | None = None) -> dict[str, float]:
+    """Returns zero_shot_top1/top5, zero_shot_chance and retrieval_{i2t,t2i}_r{1,5,10}, plus
+    what the model measures itself (``model.evaluate_heldout(data, tokenizer)``, e.g. SegCLIP's
+    segmentation mIoU) and what the objectives' own parts measure (``ObjectiveMix.evaluate``,
+    e.g. generated-caption overlap, ITM accuracy)."""
+    metrics = _evaluate_dual(model, data, tokenizer, batch_size)
+    was_training = model.training
+    model.eval()
+    if hasattr(model, "evaluate_heldout"):
+        metrics.update(model.evaluate_heldout(data, tokenizer))
+    if objectives is not None:
+        metrics.update(objectives.evaluate(model, data, tokenizer))
+    model.train(was_training)
+    return metrics
+
+
+def _evaluate_dual(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer,
+                   batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -30,6 +30,9 @@ class HeldOut:
     """RA-CLIP: each image's retrieved (ref_image (N, k, Dr), ref_text (N, k, Dr), mask (N, k))."""
     texts: list[str] = field(default_factory=list)
     """The N paired caption strings (CLIPPO's evaluation renders them as images)."""
+    metas: list[str] = field(default_factory=list)
+    """The N JSON sidecars, verbatim: what evaluations beyond labels read (the built-in data's
+    object boxes, phrases and shapes for grounding and segmentation)."""
     _rendered: dict[tuple[str, int], Tensor] = field(default_factory=dict, init=False,
                                                      repr=False, compare=False)
 
@@ -96,7 +99,14 @@ def load_heldout(uri: str, spec: DecodeSpec, tokenizer: Tokenizer, *, max_sample
         classnames=classnames, templates=templates, rows_rejected=int((~ok).sum()),
         keys=[str(k) for k in batch[schema.KEY][ok]],
         texts=[str(t) for t in batch[schema.TEXT][ok]],
+        metas=[_meta_str(m) for m, keep in zip((r.get(schema.META) for r in rows), ok) if keep],
     )
+
+
+def _meta_str(meta: object) -> str:
+    if isinstance(meta, bytes):
+        return meta.decode("utf-8", errors="replace")
+    return "" if meta is None else str(meta)
 
 
 def _tensor_column(table: object, name: str) -> np.ndarray:

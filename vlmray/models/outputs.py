@@ -19,7 +19,15 @@ TEXT_VIEW_EMBEDS = "text_view_embeds"
 MLM_STATES = "mlm_states"
 """(B, L, C) the text tower's hidden states (width C = ``model.text.width``, not projected) for
 the masked captions ``schema.MLM_TOKENS``; an MLM head predicts ``schema.MLM_LABELS``."""
-EXTRA_OUTPUTS = (NN_TEXT_EMBEDS, IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, MLM_STATES)
+MASKED_IMAGE_TOKENS = "masked_image_tokens"
+"""(B, N_vis, D) projected trunk features of the VISIBLE patches only (MAE-style encoding: the
+masked patches of ``schema.PATCH_MASK`` are dropped before the transformer), in ascending patch
+order, without prefix (CLS) tokens. Every row masks the same number of patches."""
+MASKED_TEXT_TOKENS = "masked_text_tokens"
+"""(B, L, D) projected text-tower states of the masked captions ``schema.MLM_TOKENS``
+(masked multimodal modelling fuses them with ``MASKED_IMAGE_TOKENS``)."""
+EXTRA_OUTPUTS = (NN_TEXT_EMBEDS, IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, MLM_STATES,
+                 MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS)
 
 
 @dataclass
@@ -47,5 +55,6 @@ class Outputs:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-__all__ = ["EXTRA_OUTPUTS", "IMAGE_VIEW_EMBEDS", "MLM_STATES", "NN_TEXT_EMBEDS", "Outputs",
+__all__ = ["EXTRA_OUTPUTS", "IMAGE_VIEW_EMBEDS", "MASKED_IMAGE_TOKENS", "MASKED_TEXT_TOKENS",
+           "MLM_STATES", "NN_TEXT_EMBEDS", "Outputs",
            "TEXT_VIEW_EMBEDS"]

@@ -31,6 +31,15 @@ class VisionTower(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def patch_grid(self) -> tuple[int, int, int] | None:
+        """(grid_h, grid_w, patch) of a ViT trunk (square patches), else None (CNNs)."""
+        embed = getattr(self.trunk, "patch_embed", None)
+        grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
+        if grid is None or patch is None:
+            return None
+        return int(grid[0]), int(grid[1]), int(patch[0])
+
     def normalise(self, pixels: Tensor) -> Tensor:
         """uint8 (B, 3, H, W) in [0, 255] -> float, standardised; float input passes through."""
         if pixels.dtype == torch.uint8:

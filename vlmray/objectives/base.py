@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from vlmray.data.tokenize import Tokenizer
     from vlmray.distributed import Dist
+    from vlmray.eval.heldout import HeldOut
     from vlmray.models.outputs import Outputs
 
 
@@ -27,6 +29,11 @@ class SetupContext:
     """C, the text tower's hidden width (``Outputs.extra["mlm_states"]``)."""
     vocab_size: int
     """The tokenizer's vocabulary size (MLM heads)."""
+    image_size: int = 0
+    """S, the side of the square training images (``schema.PIXELS`` is (B, 3, S, S))."""
+    patch_grid: tuple[int, int, int] | None = None
+    """(grid_h, grid_w, patch) of a ViT vision tower (``model.patch_grid``): the image is
+    grid_h x grid_w patches of patch x patch pixels; None for towers without patches (CNNs)."""
 
 
 @dataclass
@@ -52,8 +59,21 @@ class Objective(nn.Module):
         once by ``ObjectiveMix.setup`` before the optimiser is built and a checkpoint loads.
         Default: nothing."""
 
+    def prepare(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Columns to add to the batch before the model's forward: inputs the objective
+        corrupts itself, e.g. MIM's patch mask ``schema.PATCH_MASK``. Called every step on the
+        local batch (same device as the batch). Default: none."""
+        return {}
+
     def forward(self, batch: Mapping[str, Tensor], out: Outputs, dist: Dist) -> LossResult:
         raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
+        """Held-out metrics this objective can measure with the parts it owns (caption
+        decoders: generated-caption overlap; ITM: matching accuracy...), named distinctly
+        (e.g. ``caption_bleu4``). ``model`` is the core model in eval mode, on the objective's
+        device. Default: none."""
+        return {}
 
 
 __all__ = ["LossResult", "Objective", "SetupContext"]

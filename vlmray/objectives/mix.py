@@ -12,7 +12,9 @@ from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.registry import ObjectiveSpec, build_objective, validate_specs
 
 if TYPE_CHECKING:
+    from vlmray.data.tokenize import Tokenizer
     from vlmray.distributed import Dist
+    from vlmray.eval.heldout import HeldOut
     from vlmray.models.outputs import Outputs
 
 
@@ -52,6 +54,33 @@ class ObjectiveMix(nn.Module):
     def needs(self) -> frozenset[str]:
         """Union of the objectives' ``needs``: what the model must produce."""
         return frozenset().union(*(obj.needs for obj in self.objectives.values()))
+
+    def prepare(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` plus the columns the objectives add before the forward (``Objective.
+        prepare``). Objectives that add the same column share the first one's (e.g. MIM and
+        MMM share one patch mask); a column already in the batch is never replaced."""
+        out = dict(batch)
+        for obj in self.objectives.values():
+            for key, value in obj.prepare(out).items():
+                out.setdefault(key, value)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
+        """Every objective's own held-out metrics (``Objective.evaluate``); two objectives
+        reporting the same name is an error."""
+        metrics: dict[str, float] = {}
+        for name, obj in self.objectives.items():
+            was_training = obj.training
+            obj.eval()
+            found = obj.evaluate(model, data, tokenizer)
+            obj.train(was_training)
+            clash = sorted(set(found) & set(metrics))
+            if clash:
+                raise ValueError(f"objective {name!r} reports eval metrics {clash} that another "
+                                 "objective already reported")
+            metrics.update(found)
+        return metrics
 
     def forward(self, batch: Mapping[str, Tensor], out: Outputs, dist: Dist) -> LossResult:
         """Run each objective and combine: loss = sum_i w_i * loss_i."""

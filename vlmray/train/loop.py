@@ -126,6 +126,7 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist) ->
     """One optimiser step; returns detached scalar metrics."""
     model, mix = state.model, state.mix
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if state.bf16 else nullcontext())
+    batch = mix.prepare(batch)
     with autocast:
         out = model(batch, mix.needs)
         result = mix(batch, out, dist)

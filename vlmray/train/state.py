@@ -40,7 +40,8 @@ class TrainState:
                             max_samples=self.cfg.eval.max_samples)
         if eval_refs:
             data = data.with_refs(eval_refs)
-        return lambda model: evaluate(model, data, tok, batch_size=self.cfg.eval.batch_size)
+        return lambda model: evaluate(model, data, tok, batch_size=self.cfg.eval.batch_size,
+                                      objectives=self.mix)
 
 
 def build_core_model(cfg: Config) -> DualEncoder:
@@ -52,8 +53,11 @@ def build_core_model(cfg: Config) -> DualEncoder:
 def setup_context(cfg: Config, core: nn.Module) -> SetupContext:
     """What objectives size their own parameters from (``Objective.setup``)."""
     text_width = getattr(getattr(core, "text", None), "width", 0)   # 0: no text tower
+    vision = getattr(core, "vision", None)
     return SetupContext(model=core, embed_dim=cfg.model.embed_dim, text_width=text_width,
-                        vocab_size=tokenizer_for(cfg.data).vocab_size)
+                        vocab_size=tokenizer_for(cfg.data).vocab_size,
+                        image_size=cfg.data.image_size,
+                        patch_grid=getattr(vision, "patch_grid", None))
 
 
 def build_state(cfg: Config, *, device: torch.device,
