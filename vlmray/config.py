@@ -115,6 +115,9 @@ class ModelConfig:
     arch: str = "dual_encoder"
     """Model family (``vlmray.models.MODEL_ARCHS``): ``dual_encoder`` (CLIP's two towers) or a
     single-tower variant registered there."""
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Settings of the chosen arch beyond the towers (e.g. FIBER's fusion depth, SegCLIP's
+    number of centres); each arch's builder names and checks its own keys."""
     vision: str = "vit_tiny_patch16_224"
     """Any timm model name; built with ``num_classes=0`` and the kwargs below."""
     vision_kwargs: dict[str, Any] = field(default_factory=lambda: {

@@ -29,6 +29,11 @@ Every arch exposes the dual encoder's interface: ``forward(batch, needs) -> Outp
 ``encode_image(pixels) -> (embeds, tokens)``, ``encode_text(ids, mask) -> (embeds, states)``
 and ``logit_scale``, so objectives, training and evaluation work unchanged."""
 
+ARCH_CHECKS: dict[str, Callable[[ModelConfig], None]] = {}
+"""``model.arch`` -> a check of ``cfg.arch_kwargs`` (raise ``ValueError`` naming the valid
+keys), run by ``validate_model_config`` before any work. An arch without a check takes no
+``arch_kwargs``."""
+
 
 def build_model(cfg: ModelConfig, *, image_size: int, vocab_size: int,
                 context_length: int) -> nn.Module:
@@ -64,6 +69,15 @@ def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = Fals
 
     if cfg.arch not in MODEL_ARCHS:
         raise ConfigError(f"model.arch: {cfg.arch!r} is not one of {MODEL_ARCHS.names()}")
+    check_arch = ARCH_CHECKS.get(cfg.arch)
+    if check_arch is None and cfg.arch_kwargs:
+        raise ConfigError(f"model.arch_kwargs: arch {cfg.arch!r} takes none, got "
+                          f"{sorted(cfg.arch_kwargs)}")
+    if check_arch is not None:
+        try:
+            check_arch(cfg)
+        except ValueError as e:
+            raise ConfigError(f"model.arch_kwargs: {e}") from None
     try:
         check_vision_name(cfg.vision)
         check_text_config(cfg.text, cfg.text_weights)
@@ -95,7 +109,7 @@ def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) ->
                           f"model.embed_dim={cfg.embed_dim}")
 
 
-__all__ = ["MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
+__all__ = ["ARCH_CHECKS", "MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
            "VisionTower", "build_dual_encoder", "build_model", "validate_model_config"]
 from vlmray.models import clippo as _clippo  # noqa: E402, F401  (registers the "clippo" arch)
 from vlmray.models import oner as _oner  # noqa: E402, F401  (registers the "oner" arch)

@@ -8,6 +8,7 @@
 from vlmray.objectives import (
     alignment,  # noqa: E402,F401  (registers "itm")
     contrastive,  # noqa: E402,F401  (registers "clip")
+    generative,  # noqa: E402,F401  (registers "mim", "caption"...)
 )
 from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.mix import ObjectiveMix
