@@ -55,6 +55,11 @@ from vlmray.recipes import list_recipes, recipe
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("zero_shot_top1", "zero_shot_chance", "retrieval_i2t_r1", "retrieval_t2i_r1",
           "samples_per_s", "wall_s", "final_loss", "steps", "rows_in", "rows_rejected")
+TASK_FIELDS = ("caption_bleu4_greedy", "caption_bleu4_beam", "caption_f1_greedy",
+               "pali_bleu4_greedy", "pali_bleu4_beam", "pali_f1_greedy", "itm_accuracy",
+               "itm_auc", "grounding_top1", "seg_miou", "seg_miou_fg", "seg_pixel_acc")
+"""Held-out figures that only some recipes measure (their objectives' or model's own
+evaluation: generated-caption overlap, ITM, grounding, segmentation)."""
 BASELINE = "clip_tiny"
 
 
@@ -227,6 +232,7 @@ def run_recipe(name: str, o: dict[str, Any], out: Path, timeout: float) -> dict[
     if rc == 0 and metrics.exists():
         m = json.loads(metrics.read_text())
         row.update(status="ok", **{k: _round(m.get(k)) for k in FIELDS})
+        row["task_metrics"] = {k: _round(m[k]) for k in TASK_FIELDS if m.get(k) is not None}
     else:
         row.update(status="failed", error=row.get("error") or f"rc={rc}: {_error(log)}")
     return row
@@ -248,14 +254,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def write_markdown(path: Path, fig: dict[str, Any]) -> None:
     head = ("| recipe | objectives | zero-shot top-1 | Δ vs clip | R@1 i2t | R@1 t2i | samples/s "
-            "| peak MB (train worker) | wall s | notes |")
+            "| peak MB (train worker) | wall s | task metrics | notes |")
     lines = [f"Objective zoo: {fig['steps']} steps, batch {fig['batch_size'] or 'per recipe'}, "
              f"{fig['num_train']} train rows, mismatch {fig['mismatch']}, seed {fig['seed']}; "
-             f"chance {_fmt(fig['chance'])}.", "", head, "|" + " --- |" * 10]
+             f"chance {_fmt(fig['chance'])}.", "", head, "|" + " --- |" * 11]
     for r in fig["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['recipe']} | {r['objectives']} | **failed** | | | | | "
-                         f"{_fmt(r['peak_worker_mb'], 0)} | {_fmt(r['proc_wall_s'], 0)} | "
+                         f"{_fmt(r['peak_worker_mb'], 0)} | {_fmt(r['proc_wall_s'], 0)} | | "
                          f"{r['error'].replace('|', '/')} |")
             continue
         delta = (r["delta_vs_clip"] or {}).get("zero_shot_top1")
@@ -263,8 +269,12 @@ def write_markdown(path: Path, fig: dict[str, Any]) -> None:
                      f"{'–' if delta is None else f'{delta:+.3f}'} | "
                      f"{_fmt(r['retrieval_i2t_r1'])} | {_fmt(r['retrieval_t2i_r1'])} | "
                      f"{_fmt(r['samples_per_s'], 1)} | {_fmt(r['peak_worker_mb'], 0)} | "
-                     f"{_fmt(r['wall_s'], 0)} | {r['notes']} |")
+                     f"{_fmt(r['wall_s'], 0)} | {_task(r)} | {r['notes']} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _task(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("task_metrics") or {}).items())
 
 
 def plot(path: Path, fig: dict[str, Any]) -> None:

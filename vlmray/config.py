@@ -91,9 +91,17 @@ class DataConfig:
     """Stream training rows straight from the shards every epoch (read, decode, validate),
     materialising nothing, for data larger than the object store (ALIGN-scale). Rows are
     still each counted once and rejects written once; the counts cover the rows read."""
+    regions: int = 0
+    """K, the most object boxes a training row carries for region-word matching
+    (``REGION_BOXES`` / ``REGION_SPANS`` / ``REGION_MASK`` from the sidecar's ``boxes`` and
+    ``phrases``; extra boxes are dropped); 0: no region columns."""
 
     def __post_init__(self) -> None:
         from vlmray.data.sources import check_sources
+
+        if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
+            raise ConfigError(f"data.regions must be an int >= 0 (max boxes per row; 0 = off), "
+                              f"got {self.regions!r}")
 
         if self.sampling not in SAMPLING_CHOICES:
             raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "

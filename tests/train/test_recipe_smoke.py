@@ -92,6 +92,8 @@ def make_batch(cfg: Config) -> dict[str, torch.Tensor]:
                         decode_spec(cfg.data), tokenizer_for(cfg.data))
     assert (rows[schema.REJECT_REASON] == "").all()
     cols = (schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL)
+    if cfg.data.regions:   # region-word matching: the region columns ingest carries
+        cols += (schema.REGION_BOXES, schema.REGION_SPANS, schema.REGION_MASK)
     arrays = {c: rows[c] for c in cols}
     if cfg.data.views.enabled:   # the augmented views, as augment_train's Ray Data stage adds them
         if cfg.data.views.needs_text:

@@ -32,24 +32,40 @@ class DecodeSpec:
     image_size: int
     min_image_side: int = 16
     max_text_chars: int = 1000
+    regions: int = 0
+    """K > 0: also emit REGION_BOXES (K, 4), REGION_SPANS (K, L), REGION_MASK (K,) from the
+    sidecar's ``boxes`` / ``phrases`` (``data.regions``); 0: no region columns."""
+
+
+Crop = tuple[float, float, float, float]
+"""(x0, y0, x1, y1): the window of the source image a decoded image keeps, as fractions."""
 
 
 def decode_image(data: bytes | None, spec: DecodeSpec) -> tuple[np.ndarray | None, str]:
     """Encoded bytes -> uint8 (3, S, S) (shorter side resized, centre-cropped), or a reason."""
+    img, reason, _ = _decode(data, spec)
+    return img, reason
+
+
+def _decode(data: bytes | None, spec: DecodeSpec) -> tuple[np.ndarray | None, str, Crop | None]:
+    """(pixels or None, reason, the crop window of the decoded image in its own normalised
+    coordinates: (x0, y0, x1, y1), what boxes are mapped through)."""
     if not data:
-        return None, MISSING_IMAGE
+        return None, MISSING_IMAGE, None
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             img = im.convert("RGB")
     except Exception:  # PIL raises many types for truncated or garbage bytes
-        return None, DECODE_ERROR
+        return None, DECODE_ERROR, None
     if min(img.size) < spec.min_image_side:
-        return None, IMAGE_TOO_SMALL
-    return _resize_crop(img, spec.image_size), ""
+        return None, IMAGE_TOO_SMALL, None
+    pixels, crop = _resize_crop(img, spec.image_size)
+    return pixels, "", crop
 
 
-def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+def _resize_crop(img: Image.Image, size: int) -> tuple[np.ndarray, Crop]:
+    """uint8 (3, S, S) and the kept window (x0, y0, x1, y1) as fractions of the resized image."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -57,7 +73,8 @@ def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
         img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+    crop = (left / nw, top / nh, (left + size) / nw, (top + size) / nh)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), crop  # (3, S, S)
 
 
 def check_text(text: str | None, spec: DecodeSpec) -> str:
@@ -88,25 +105,29 @@ def label_of(meta: object) -> int:
 
 
 def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Sequence[object],
-                 metas: Sequence[object], spec: DecodeSpec, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-    """Raw columns -> a batch with PIXELS, TOKENS, TOKEN_MASK, LABEL, TEXT, KEY, REJECT_REASON.
+                 metas: Sequence[object], spec: DecodeSpec,
+                 tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """Raw columns -> a batch with PIXELS, TOKENS, TOKEN_MASK, LABEL, TEXT, KEY, REJECT_REASON,
+    and with ``spec.regions = K > 0`` REGION_BOXES, REGION_SPANS, REGION_MASK
+    (:func:`vlmray.data.regions.region_columns`).
 
-    Rejected rows keep their key, text and reason; their pixels are zeros.
+    Rejected rows keep their key, text and reason; their pixels (and region columns) are zeros.
     """
     n, s = len(keys), spec.image_size
     pixels = np.zeros((n, 3, s, s), dtype=np.uint8)
-    reasons, clean_texts = [], []
+    reasons, clean_texts, crops = [], [], []
     for i in range(n):
         text = _as_str(texts[i])
         reason = check_text(text, spec)
-        img, img_reason = decode_image(images[i], spec)
+        img, img_reason, crop = _decode(images[i], spec)
         reason = img_reason or reason
         if img is not None:
             pixels[i] = img
         reasons.append(reason)
         clean_texts.append(text or "")
+        crops.append(crop)
     ids, mask = tokenizer([t if not r else "" for t, r in zip(clean_texts, reasons)])
-    return {
+    out = {
         schema.KEY: np.asarray([str(k) for k in keys], dtype=object),
         schema.TEXT: np.asarray(clean_texts, dtype=object),
         schema.LABEL: np.asarray([label_of(m) for m in metas], dtype=np.int64),
@@ -115,6 +136,12 @@ def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Seq
         schema.TOKEN_MASK: mask,
         schema.REJECT_REASON: np.asarray(reasons, dtype=object),
     }
+    if spec.regions > 0:
+        from vlmray.data.regions import region_columns
+
+        kept = [c if not r else None for c, r in zip(crops, reasons)]
+        out.update(region_columns(metas, kept, ids, mask, spec.regions, tokenizer))
+    return out
 
 
 __all__ = ["DecodeSpec", "REASONS", "decode_image", "label_of", "prepare_rows"]

@@ -33,14 +33,17 @@ if TYPE_CHECKING:
 TRAIN_COLUMNS = [schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL]
 REFERENCE_COLUMNS = [schema.REF_IMAGE_EMBEDS, schema.REF_TEXT_EMBEDS, schema.REF_MASK]
 NN_COLUMNS = [schema.NN_TOKENS, schema.NN_TOKEN_MASK]
+REGION_COLUMNS = [schema.REGION_BOXES, schema.REGION_SPANS, schema.REGION_MASK]
 
 
 def train_columns(cfg: DataConfig) -> list[str]:
     """The columns training rows carry: TRAIN_COLUMNS plus what ``data.retrieval`` attaches,
-    and the caption string when ``data.views`` derives texts or renders it."""
+    the region columns when ``data.regions > 0``, and the caption string when ``data.views``
+    derives texts or renders it."""
     extra = {"references": REFERENCE_COLUMNS, "neighbour_text": NN_COLUMNS}
     text = [schema.TEXT] if cfg.views.needs_text else []   # the views stage reads, then drops it
-    return TRAIN_COLUMNS + extra.get(cfg.retrieval.attach, []) + text
+    regions = REGION_COLUMNS if cfg.regions > 0 else []
+    return TRAIN_COLUMNS + extra.get(cfg.retrieval.attach, []) + regions + text
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,7 +58,7 @@ def tokenizer_for(cfg: DataConfig) -> Tokenizer:
 
 def decode_spec(cfg: DataConfig) -> DecodeSpec:
     return DecodeSpec(image_size=cfg.image_size, min_image_side=cfg.min_image_side,
-                      max_text_chars=cfg.max_text_chars)
+                      max_text_chars=cfg.max_text_chars, regions=cfg.regions)
 
 
 DECODE_STAGE = "decode"
@@ -161,5 +164,5 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
     return IngestResult(train, rows_in, accepted, rejected, reasons)
 
 
-__all__ = ["DecodeStage", "IngestResult", "TRAIN_COLUMNS", "build_ingest", "decode_spec",
-           "read_shards", "run_ingest", "tokenizer_for", "train_columns"]
+__all__ = ["DecodeStage", "IngestResult", "REGION_COLUMNS", "TRAIN_COLUMNS", "build_ingest",
+           "decode_spec", "read_shards", "run_ingest", "tokenizer_for", "train_columns"]

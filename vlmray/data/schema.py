@@ -49,6 +49,11 @@ PATCH_MASK = "patch_mask"          # bool (N_patches,): True = masked (MIM / MAE
 REGION_BOXES = "region_boxes"      # float32 (K, 4): (x0, y0, x1, y1) in [0, 1], zero-padded
 REGION_SPANS = "region_spans"      # int64 (K, L): 1 on the caption tokens naming region k's phrase
 REGION_MASK = "region_mask"        # int64 (K,): 1 where region k is real and its phrase was found
+COMPLETION_TOKENS = "completion_tokens"  # int64 (L,): NLIP's generated caption, added per step
+                                   # by nlip_completion's prepare (auxiliary text)
+COMPLETION_MASK = "completion_mask"      # int64 (L,): 1 for its real tokens, 0 for padding
+COMPLETION_CONCEPTS = "completion_concepts"  # int64 (k,): indices of the top-k concepts the
+                                   # caption was conditioned on (nlip_completion)
 
 # --- curation: provenance, signals, accounting ---------------------------------------------
 URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
@@ -73,8 +78,10 @@ WDS_SUFFIX = {IMAGE: "jpg", TEXT: "txt", META: "json"}
 __all__ = [
     "KEY", "IMAGE", "TEXT", "META", "TEXTS_AUG", "SYNTHETIC_CAPTION", "LABEL", "BOXES",
     "PHRASES", "NEIGHBOURS", "NEIGHBOUR_SCORES", "IMAGE_EMBED", "TEXT_EMBED", "REF_IMAGE_EMBEDS",
-    "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS", "TOKEN_MASK",
-    "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS", "TEXT_PIXELS", "PATCH_MASK", "REGION_BOXES", "REGION_SPANS", "REGION_MASK", "URL", "SOURCE", "ROW_ID", "WIDTH",
-    "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
+    "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS",
+    "TOKEN_MASK", "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS",
+    "TEXT_PIXELS", "PATCH_MASK", "REGION_BOXES", "REGION_SPANS", "REGION_MASK",
+    "COMPLETION_TOKENS", "COMPLETION_MASK", "COMPLETION_CONCEPTS", "URL", "SOURCE", "ROW_ID",
+    "WIDTH", "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

@@ -32,7 +32,15 @@ from PIL import Image
 from vlmray.data.schema import BOXES, IMAGE, KEY, LABEL, META, PHRASES, TEXT
 from vlmray.data.shards import CLASSES_FILE, write_shard
 from vlmray.data.storage import ensure_parent, filesystem, join
-from vlmray.data.synthetic_scene import Scene, boxes_of, jpeg, render, rng_for, sample_scene
+from vlmray.data.synthetic_scene import (
+    Scene,
+    boxes_of,
+    jpeg,
+    object_mask,
+    render,
+    rng_for,
+    sample_scene,
+)
 from vlmray.data.synthetic_text import (
     CLASSNAMES,
     COLOURS,
@@ -45,7 +53,8 @@ from vlmray.data.synthetic_text import (
 __all__ = [
     "SyntheticConfig", "SHAPES", "COLOURS", "CLASSNAMES", "TEMPLATES", "NOISE_KINDS", "SPLITS",
     "sample_key", "make_sample", "make_shard", "write_synthetic",
-    "CLASSNAME", "COUNT", "SIZE", "NOISE", "SOURCE_KEY", "SHARD",
+    "CLASSNAME", "COUNT", "SIZE", "NOISE", "SOURCE_KEY", "SHARD", "SHAPE", "OBJECTS",
+    "label_map", "has_objects",
 ]
 
 TEMPLATES = [
@@ -62,6 +71,7 @@ SPLITS = ("train", "eval")
 # Sidecar / manifest field names that are not sample columns (schema.py owns the columns).
 CLASSNAME, COUNT, SIZE, NOISE, SOURCE_KEY = "classname", "count", "size", "noise", "source_key"
 SHARD = "shard"                    # manifest: shard file name, e.g. "shard-00000.tar"
+SHAPE, OBJECTS = "shape", "objects"  # sidecar: shape name, objects' [cx, cy, r] in [0, 1]
 
 
 @dataclass(kw_only=True)
@@ -170,7 +180,9 @@ def make_sample(
 
     ``source`` is the index a ``near_dup`` copies. Returns ``{KEY, IMAGE (JPEG bytes),
     TEXT (str), META (JSON str: label, classname, boxes, phrases, count, size, noise,
-    source_key)}``; the label always describes the image actually encoded.
+    source_key, shape, objects)}``; the label, boxes, shape and objects always describe the
+    image actually encoded (a near_dup is its source rescaled as a whole, so its normalised
+    geometry is the source's), and :func:`label_map` re-renders its segmentation.
     """
     if kind not in ("",) + NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid: {('',) + NOISE_KINDS}")
@@ -194,8 +206,32 @@ def make_sample(
     classname = CLASSNAMES[scene.label]
     meta = {LABEL: scene.label, CLASSNAME: classname, BOXES: boxes,
             PHRASES: [classname] * len(boxes), COUNT: len(scene.objects), SIZE: scene.size,
-            NOISE: kind, SOURCE_KEY: sample_key(split, source) if kind == "near_dup" else ""}
+            NOISE: kind, SOURCE_KEY: sample_key(split, source) if kind == "near_dup" else "",
+            SHAPE: SHAPES[scene.shape], OBJECTS: [list(o) for o in scene.objects]}
     return {KEY: sample_key(split, index), IMAGE: image, TEXT: text, META: json.dumps(meta)}
+
+
+def has_objects(meta: str | dict) -> bool:
+    """Whether a sidecar carries what :func:`label_map` needs (older data does not)."""
+    if isinstance(meta, (str, bytes)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:                                   # not JSON: no objects either
+            return False
+    return isinstance(meta, dict) and SHAPE in meta and OBJECTS in meta and LABEL in meta
+
+
+def label_map(meta: str | dict, size: int) -> np.ndarray:
+    """The ground-truth segmentation of a built-in sample, re-rendered from its sidecar:
+    int64 (size, size), 0 = background, ``label + 1`` on pixels at least half covered by an
+    object (rasterised as ``synthetic_scene.render`` draws them). ``size`` is the side of the
+    (square) decoded image; the objects are in normalised coordinates, so any size works."""
+    meta = json.loads(meta) if isinstance(meta, (str, bytes)) else meta
+    if not has_objects(meta):
+        raise ValueError(f"sidecar lacks {SHAPE!r}/{OBJECTS!r}/{LABEL!r} (data written by an "
+                         f"older vlmray? regenerate it with jobs/make_data.py)")
+    inside = object_mask(meta[SHAPE], [tuple(o) for o in meta[OBJECTS]], size)
+    return np.where(inside, int(meta[LABEL]) + 1, 0).astype(np.int64)
 
 
 # --- shards and the dataset --------------------------------------------------------------------

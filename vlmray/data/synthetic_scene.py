@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,6 +157,22 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(pixels + noise, 0, 255).astype(np.uint8)
 
 
+def object_mask(shape: str, objects: Sequence[Sequence[float]], size: int) -> np.ndarray:
+    """Where ``render`` draws the objects at ``size``: bool (size, size), True on pixels at
+    least half covered. Drawn as ``render`` draws its alpha mask (at 2x, box-downsampled), so
+    the coverage is exactly the one ``render`` blends with; ``objects`` are (cx, cy, r) in
+    [0, 1] image coordinates and ``shape`` is one of ``SHAPES``."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
+    big = 2 * size
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for cx, cy, r in objects:
+        _draw(draw, shape, cx * big, cy * big, r * big, 255)
+    coverage = np.asarray(mask.reduce(2), dtype=np.uint8)            # (size, size) in [0, 255]
+    return coverage >= 128
+
+
 def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     """Encode (H, W, 3) uint8 as JPEG bytes."""
     buf = io.BytesIO()
@@ -163,4 +180,4 @@ def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["Scene", "boxes_of", "jpeg", "render", "rng_for", "sample_scene"]
+__all__ = ["Scene", "boxes_of", "jpeg", "object_mask", "render", "rng_for", "sample_scene"]

@@ -109,7 +109,11 @@ def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) ->
                           f"model.embed_dim={cfg.embed_dim}")
 
 
-__all__ = ["ARCH_CHECKS", "MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs", "RetrievalAugmentation", "TextTower",
-           "VisionTower", "build_dual_encoder", "build_model", "validate_model_config"]
-from vlmray.models import clippo as _clippo  # noqa: E402, F401  (registers the "clippo" arch)
-from vlmray.models import oner as _oner  # noqa: E402, F401  (registers the "oner" arch)
+__all__ = ["ARCH_CHECKS", "MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outputs",
+           "RetrievalAugmentation", "TextTower", "VisionTower", "build_dual_encoder", "build_model",
+           "validate_model_config"]
+# Importing registers each arch in MODEL_ARCHS (and ARCH_CHECKS).
+from vlmray.models import clippo as _clippo  # noqa: E402, F401
+from vlmray.models import fiber as _fiber  # noqa: E402, F401
+from vlmray.models import oner as _oner  # noqa: E402, F401
+from vlmray.models import segclip as _segclip  # noqa: E402, F401

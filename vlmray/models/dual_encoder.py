@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
-from vlmray.models.extras import batch_columns, encode_view_extras
-from vlmray.models.outputs import MLM_STATES, Outputs
+from vlmray.models.extras import batch_columns, encode_masked_extras, encode_view_extras
+from vlmray.models.outputs import MASKED_TEXT_TOKENS, MLM_STATES, Outputs
 from vlmray.models.retrieval_aug import RetrievalAugmentation
 from vlmray.models.towers import TextTower, VisionTower
 
@@ -99,14 +99,28 @@ class DualEncoder(nn.Module):
     def encode_extras(self, batch: Mapping[str, Tensor],
                       needs: Collection[str]) -> dict[str, Tensor]:
         """The ``Outputs.extra`` entries in ``needs`` that re-use the two towers on extra
-        columns: neighbour captions, augmented image and text views, masked captions."""
+        columns: neighbour captions, augmented image and text views, masked captions, and the
+        MAE-style encodings of masked images and captions (``masked_image_tokens``,
+        ``masked_text_tokens``; only when needed)."""
         extra = encode_view_extras(self, batch, needs,
                                    view_refs=lambda v: self._references(batch, v))
         if MLM_STATES in needs:
             (ids,) = batch_columns(batch, (schema.MLM_TOKENS,),
                                    "mlm_states (data.views.mlm_prob)")
             extra[MLM_STATES] = self.text(ids, batch[schema.TOKEN_MASK])        # (B, L, C)
+            if MASKED_TEXT_TOKENS in needs:                                     # one text pass
+                extra[MASKED_TEXT_TOKENS] = self.text_proj(extra[MLM_STATES])   # (B, L, D)
+        extra.update(encode_masked_extras(self, batch, [n for n in needs if n not in extra]))
         return extra
+
+    def encode_masked_image(self, pixels: Tensor, patch_mask: Tensor) -> Tensor:
+        """MAE-style: projected states (B, N_vis, D) of the visible patches only (patch_mask
+        (B, N) bool, True = masked; ``VisionTower.forward_masked``)."""
+        return self.image_proj(self.vision.forward_masked(pixels, patch_mask))
+
+    def encode_masked_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Projected text-tower states (B, L, D) of masked captions ids (B, L), mask (B, L)."""
+        return self.text_proj(self.text(ids, mask))
 
     def _references(self, batch: Mapping[str, Tensor], repeat: int = 1) -> References | None:
         """The batch's RA-CLIP references when the model has the module, else None; each row's

@@ -9,7 +9,14 @@ from typing import Any
 from torch import Tensor
 
 from vlmray.data import schema
-from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, NN_TEXT_EMBEDS, TEXT_VIEW_EMBEDS
+from vlmray.models.outputs import (
+    COMPLETION_EMBEDS,
+    IMAGE_VIEW_EMBEDS,
+    MASKED_IMAGE_TOKENS,
+    MASKED_TEXT_TOKENS,
+    NN_TEXT_EMBEDS,
+    TEXT_VIEW_EMBEDS,
+)
 
 
 def batch_columns(batch: Mapping[str, Tensor], names: tuple[str, ...], why: str) -> list[Tensor]:
@@ -47,7 +54,35 @@ def encode_view_extras(model: Any, batch: Mapping[str, Tensor], needs: Collectio
         b, v = ids.shape[:2]
         emb = model.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))[0]
         extra[TEXT_VIEW_EMBEDS] = emb.view(b, v, -1)                             # (B, V_t, D)
+    if COMPLETION_EMBEDS in needs:
+        ids, mask = batch_columns(batch, (schema.COMPLETION_TOKENS, schema.COMPLETION_MASK),
+                                  "completion_embeds (nlip_completion's prepare adds them)")
+        extra[COMPLETION_EMBEDS] = model.encode_text(ids, mask)[0]               # (B, D)
     return extra
 
 
-__all__ = ["batch_columns", "encode_view_extras"]
+def encode_masked_extras(model: Any, batch: Mapping[str, Tensor],
+                         needs: Collection[str]) -> dict[str, Tensor]:
+    """``masked_image_tokens`` (B, N_vis, D) and ``masked_text_tokens`` (B, L, D) when in
+    ``needs``, through ``model.encode_masked_image(pixels, patch_mask)`` and
+    ``model.encode_masked_text(mlm_ids, mask)``; clear errors when the batch lacks
+    ``PATCH_MASK`` / ``MLM_TOKENS`` or the model cannot encode masked inputs."""
+    extra: dict[str, Tensor] = {}
+    for key, method in ((MASKED_IMAGE_TOKENS, "encode_masked_image"),
+                        (MASKED_TEXT_TOKENS, "encode_masked_text")):
+        if key in needs and not hasattr(model, method):
+            raise ValueError(f"{key} needs a model with {method}(); {type(model).__name__} has "
+                             "none")
+    if MASKED_IMAGE_TOKENS in needs:
+        pixels, mask = batch_columns(batch, (schema.PIXELS, schema.PATCH_MASK),
+                                     "masked_image_tokens (a masked-image objective's prepare, "
+                                     "e.g. mim or mmm, adds patch_mask)")
+        extra[MASKED_IMAGE_TOKENS] = model.encode_masked_image(pixels, mask)   # (B, N_vis, D)
+    if MASKED_TEXT_TOKENS in needs:
+        ids, mask = batch_columns(batch, (schema.MLM_TOKENS, schema.TOKEN_MASK),
+                                  "masked_text_tokens (data.views.mlm_prob > 0)")
+        extra[MASKED_TEXT_TOKENS] = model.encode_masked_text(ids, mask)        # (B, L, D)
+    return extra
+
+
+__all__ = ["batch_columns", "encode_masked_extras", "encode_view_extras"]

@@ -7,6 +7,7 @@ own one of these and call it on (text tokens, image tokens, text mask).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -79,4 +80,71 @@ class FusionEncoder(nn.Module):
         return self(text, image, text_mask)[:, 0]
 
 
-__all__ = ["FusionEncoder", "FusionLayer"]
+class SelfAttentionLayer(nn.Module):
+    """Pre-norm transformer block: x <- x + SelfAttn(LN(x), padding); x <- x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"SelfAttentionLayer: dim={dim} is not divisible by heads={heads}")
+        hidden = max(1, int(dim * mlp_ratio))
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """x (B, T, D), padding (B, T) bool, True = never attended to -> (B, T, D)."""
+        h = self.norm_attn(x)
+        x = x + self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class MultimodalEncoder(nn.Module):
+    """FLAVA's joint multimodal encoder (Singh et al., 2022): the image and text states are
+    linearly projected, concatenated behind a learned [CLS_M] token, and ``layers`` pre-norm
+    self-attention blocks (then a LayerNorm) run over [CLS_M; image; text]; padded text
+    positions are never attended to.
+
+    ``forward(image (B, N, D), text (B, L, D), text_mask (B, L) or None)`` ->
+    (cls (B, D), image states (B, N, D), text states (B, L, D)).
+    """
+
+    def __init__(self, dim: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim < 1 or layers < 1 or heads < 1:
+            raise ValueError(f"MultimodalEncoder needs dim, layers, heads >= 1; got {dim}, "
+                             f"{layers}, {heads}")
+        self.dim = dim
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.cls, std=0.02)
+        self.image_in = nn.Linear(dim, dim)
+        self.text_in = nn.Linear(dim, dim)
+        self.layers = nn.ModuleList(SelfAttentionLayer(dim, heads, mlp_ratio)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image: Tensor, text: Tensor,
+                text_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """See the class docstring; ``text_mask`` True / nonzero = real token."""
+        if (image.ndim != 3 or text.ndim != 3 or image.shape[0] != text.shape[0]
+                or image.shape[-1] != self.dim or text.shape[-1] != self.dim):
+            raise ValueError(f"MultimodalEncoder(dim={self.dim}): need image (B, N, D) and text "
+                             f"(B, L, D); got {tuple(image.shape)} and {tuple(text.shape)}")
+        b, n = image.shape[:2]
+        keep = torch.ones(b, 1 + n, dtype=torch.bool, device=image.device)
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(f"MultimodalEncoder: text_mask {tuple(text_mask.shape)} does not "
+                             f"match text {tuple(text.shape[:2])}")
+        padding = ~torch.cat((keep, text_mask.bool()), dim=1)                # (B, 1 + N + L)
+        x = torch.cat((self.cls.expand(b, -1, -1).to(image.dtype), self.image_in(image),
+                       self.text_in(text)), dim=1)
+        for layer in self.layers:
+            x = layer(x, padding)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1:1 + n], x[:, 1 + n:]
+
+
+__all__ = ["FusionEncoder", "FusionLayer", "MultimodalEncoder", "SelfAttentionLayer"]

@@ -26,8 +26,11 @@ order, without prefix (CLS) tokens. Every row masks the same number of patches."
 MASKED_TEXT_TOKENS = "masked_text_tokens"
 """(B, L, D) projected text-tower states of the masked captions ``schema.MLM_TOKENS``
 (masked multimodal modelling fuses them with ``MASKED_IMAGE_TOKENS``)."""
+COMPLETION_EMBEDS = "completion_embeds"
+"""(B, D) normalised text embeddings of each row's generated caption
+(``schema.COMPLETION_TOKENS``, NLIP's noise completion), encoded by the online text tower."""
 EXTRA_OUTPUTS = (NN_TEXT_EMBEDS, IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, MLM_STATES,
-                 MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS)
+                 MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS, COMPLETION_EMBEDS)
 
 
 @dataclass

@@ -17,7 +17,8 @@ _STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionTower(nn.Module):
     """A timm backbone without its classifier: pixels (B, 3, H, W) -> pooled (B, C)."""
 
-    def __init__(self, name: str, *, img_size: int, kwargs: dict[str, Any], weights: str = "") -> None:
+    def __init__(self, name: str, *, img_size: int, kwargs: dict[str, Any],
+                 weights: str = "") -> None:
         super().__init__()
         self.trunk = _create_timm(name, img_size, kwargs)
         if weights:
@@ -54,6 +55,42 @@ class VisionTower(nn.Module):
         if feats.ndim == 4:                                            # CNN maps -> tokens
             feats = feats.flatten(2).transpose(1, 2)
         return pooled, feats
+
+    def forward_masked(self, pixels: Tensor, patch_mask: Tensor) -> Tensor:
+        """MAE-style encoding of the visible patches only (He et al., 2022).
+
+        pixels (B, 3, H, W); patch_mask bool (B, N), True = masked, row-major over the grid,
+        every row masking the same count. The patches are embedded and get their position
+        embeddings (and the prefix tokens, e.g. CLS), the masked ones are dropped, and the
+        blocks and final norm run over prefix + visible tokens. Returns the visible patches'
+        states (B, N_vis, C) in ascending patch order (prefix tokens dropped).
+        """
+        trunk = self.trunk
+        if self.patch_grid is None or not all(hasattr(trunk, a) for a in
+                                              ("_pos_embed", "blocks", "norm")):
+            raise ValueError(f"forward_masked needs a ViT vision tower with patches; "
+                             f"{type(trunk).__name__} has none")
+        x = trunk.patch_embed(self.normalise(pixels))
+        x = trunk._pos_embed(x.reshape(x.shape[0], -1, x.shape[-1]))     # (B, P + N, C)
+        prefix = int(getattr(trunk, "num_prefix_tokens", 0))
+        keep = visible_index(patch_mask, x.shape[0], x.shape[1] - prefix)  # (B, N_vis)
+        patches = x[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat((x[:, :prefix], patches), dim=1)                    # (B, P + N_vis, C)
+        x = trunk.norm(trunk.blocks(trunk.norm_pre(x)))
+        return x[:, prefix:]
+
+
+def visible_index(patch_mask: Tensor, batch: int, n_patches: int) -> Tensor:
+    """Indices (B, N_vis) of the unmasked patches of ``patch_mask`` (B, N) bool, ascending per
+    row; a clear error when the shape is wrong or rows mask different counts."""
+    if patch_mask.shape != (batch, n_patches) or patch_mask.dtype != torch.bool:
+        raise ValueError(f"patch_mask must be bool (B, N_patches) = ({batch}, {n_patches}), got "
+                         f"{patch_mask.dtype} {tuple(patch_mask.shape)}")
+    visible = (~patch_mask).sum(dim=1)
+    if batch and bool((visible != visible[0]).any()):
+        raise ValueError(f"patch_mask rows must mask the same number of patches; visible counts "
+                         f"{visible.tolist()}")
+    return torch.nonzero(~patch_mask)[:, 1].view(batch, -1)             # row-major -> ascending
 
 
 def _create_timm(name: str, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -123,4 +160,4 @@ def check_text_config(config: dict[str, Any], weights: str) -> None:
                                          sorted(CONFIG_MAPPING.keys()), limit=30))
 
 
-__all__ = ["TextTower", "VisionTower", "check_text_config", "check_vision_name"]
+__all__ = ["TextTower", "VisionTower", "check_text_config", "check_vision_name", "visible_index"]

@@ -31,6 +31,8 @@ class SetupContext:
     """The tokenizer's vocabulary size (MLM heads)."""
     image_size: int = 0
     """S, the side of the square training images (``schema.PIXELS`` is (B, 3, S, S))."""
+    tokenizer: Tokenizer | None = None
+    """The data's tokenizer (objectives that tokenise their own texts: NLIP's concepts)."""
     patch_grid: tuple[int, int, int] | None = None
     """(grid_h, grid_w, patch) of a ViT vision tower (``model.patch_grid``): the image is
     grid_h x grid_w patches of patch x patch pixels; None for towers without patches (CNNs)."""

@@ -56,7 +56,7 @@ def setup_context(cfg: Config, core: nn.Module) -> SetupContext:
     vision = getattr(core, "vision", None)
     return SetupContext(model=core, embed_dim=cfg.model.embed_dim, text_width=text_width,
                         vocab_size=tokenizer_for(cfg.data).vocab_size,
-                        image_size=cfg.data.image_size,
+                        image_size=cfg.data.image_size, tokenizer=tokenizer_for(cfg.data),
                         patch_grid=getattr(vision, "patch_grid", None))
 
 

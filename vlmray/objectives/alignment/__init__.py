@@ -4,3 +4,7 @@ Importing registers them."""
 from vlmray.objectives.alignment.itm import ItmLoss
 
 __all__ = ["ItmLoss"]
+
+from vlmray.objectives.alignment.regionword import RegionWordLoss  # noqa: E402
+
+__all__ += ["RegionWordLoss"]

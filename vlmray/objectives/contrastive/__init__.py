@@ -15,3 +15,5 @@ from vlmray.objectives.contrastive.unicl import UniClLoss
 __all__ = ["ClipLoss", "OneRLoss", "DeclipMVLoss", "MLMLoss", "SimSiamLoss",
            "DeclipNNSLoss", "FilipLoss", "NlipLoss", "OtterLoss", "PyramidClipLoss", "SigLipLoss",
            "UniClLoss"]
+
+from vlmray.objectives.contrastive.nlip_completion import NlipCompletionLoss  # noqa: E402, F401
