@@ -18,27 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmray.data.curation.config import CurationConfig
+from vlmray.data.mixup import MixupConfig  # noqa: F401  (re-exported: data.mixup's type)
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.data.views import ViewsConfig
 from vlmray.objectives.registry import ObjectiveSpec
 from vlmray.retrieval.config import RetrievalConfig
-
-
-@dataclass(kw_only=True)
-class MixupConfig:
-    """Coin-flip image-text mixup in Ray Data (``vlmray.data.mixup``; after ZeroVL)."""
-
-    prob: float = 0.0
-    """Probability that a row is mixed with its partner row (0: off)."""
-    alpha: float = 0.1
-    """Mixing weights lam = max(l, 1 - l) with l ~ Beta(alpha, alpha); ZeroVL uses 0.1."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"data.mixup.prob must be in [0, 1], got {self.prob}")
-        if not self.alpha > 0 or not math.isfinite(self.alpha):
-            raise ValueError(f"data.mixup.alpha must be a positive number, got {self.alpha}")
-
 
 SAMPLING_CHOICES = ("mixed", "single_source")
 
@@ -92,17 +76,14 @@ class DataConfig:
     materialising nothing, for data larger than the object store (ALIGN-scale). Rows are
     still each counted once and rejects written once; the counts cover the rows read."""
     regions: int = 0
-    """K, the most object boxes a training row carries for region-word matching
-    (``REGION_BOXES`` / ``REGION_SPANS`` / ``REGION_MASK`` from the sidecar's ``boxes`` and
-    ``phrases``; extra boxes are dropped); 0: no region columns."""
+    """K > 0: rows carry up to K object boxes and their caption phrases (``REGION_*`` columns
+    from the sidecar's ``boxes`` / ``phrases``) for region-word matching; 0: none."""
 
     def __post_init__(self) -> None:
         from vlmray.data.sources import check_sources
 
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
-            raise ConfigError(f"data.regions must be an int >= 0 (max boxes per row; 0 = off), "
-                              f"got {self.regions!r}")
-
+            raise ConfigError(f"data.regions must be an int >= 0 (0 = off), got {self.regions!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "
                               f"{list(SAMPLING_CHOICES)}")
@@ -124,8 +105,7 @@ class ModelConfig:
     """Model family (``vlmray.models.MODEL_ARCHS``): ``dual_encoder`` (CLIP's two towers) or a
     single-tower variant registered there."""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Settings of the chosen arch beyond the towers (e.g. FIBER's fusion depth, SegCLIP's
-    number of centres); each arch's builder names and checks its own keys."""
+    """The arch's own settings (FIBER's fusion depth, SegCLIP's centres); checked per arch."""
     vision: str = "vit_tiny_patch16_224"
     """Any timm model name; built with ``num_classes=0`` and the kwargs below."""
     vision_kwargs: dict[str, Any] = field(default_factory=lambda: {
