@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.objectives._captions import caption_batch
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
@@ -32,18 +33,8 @@ def _objective(**params: Any) -> CaptionLoss:
 
 
 def _batch(seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
-    """Captions [BOS w.. EOS PAD..] of lengths 3..L (one truncated, no EOS), image tokens."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [3, 5, L, 4]
-    ids = torch.zeros(B, L, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(4, V, (n,), generator=g)
-        ids[i, 0] = 1
-        if i != 2:
-            ids[i, n - 1] = 2
-    mask = (torch.arange(L) < torch.tensor(lengths)[:, None]).long()
-    img = torch.randn(B, N, D, generator=g, dtype=torch.float64, requires_grad=True)
-    return {schema.TOKENS: ids, schema.TOKEN_MASK: mask}, img
+    """Captions of lengths 3..L (one truncated, no EOS); image tokens (B, N, D)."""
+    return caption_batch([3, 5, L, 4], L, V, (B, N, D), seed)
 
 
 def reference_loss(obj: CaptionLoss, ids: Tensor, mask: Tensor, img: Tensor) -> Tensor:
