@@ -212,6 +212,7 @@ def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float
             "retrieval_t2i_r10")
     return {
         **{k: last_eval.get(k) for k in keys},
+        **_other_eval_metrics(rows, last_eval),
         "final_loss": rows[-1]["loss"] if rows else None,
         "steps": rows[-1]["step"] if rows else 0,
         "samples_seen": rows[-1].get("samples_seen") if rows else 0,
@@ -219,6 +220,20 @@ def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float
         "wall_s": wall_s,
         **ingest,
     }
+
+
+_STEP_KEYS = frozenset({"step", "epoch", "loss", "lr", "logit_scale", "grad_norm", "temperature",
+                        "samples_seen", "samples_per_s", "data_wait_frac"})
+
+
+def _other_eval_metrics(rows: list[dict[str, Any]], last_eval: dict[str, Any]) -> dict[str, Any]:
+    """The last evaluation's figures from the objectives' and the model's own evaluation
+    (caption BLEU, ITM accuracy, grounding, mIoU...): flat names that rows without an
+    evaluation never carry."""
+    train_keys = set(_STEP_KEYS).union(*(r.keys() for r in rows if "zero_shot_top1" not in r))
+    return {k: v for k, v in last_eval.items()
+            if k not in train_keys and "/" not in k and not k.startswith(("zero_shot_",
+                                                                         "retrieval_"))}
 
 
 def _attempts(events: list[dict[str, Any]], rows: list[dict[str, Any]],
