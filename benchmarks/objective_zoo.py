@@ -57,7 +57,9 @@ FIELDS = ("zero_shot_top1", "zero_shot_chance", "retrieval_i2t_r1", "retrieval_t
           "samples_per_s", "wall_s", "final_loss", "steps", "rows_in", "rows_rejected")
 TASK_FIELDS = ("caption_bleu4_greedy", "caption_bleu4_beam", "caption_f1_greedy",
                "pali_bleu4_greedy", "pali_bleu4_beam", "pali_f1_greedy", "itm_accuracy",
-               "itm_auc", "grounding_top1", "seg_miou", "seg_miou_fg", "seg_pixel_acc")
+               "itm_auc", "grounding_top1", "seg_miou", "seg_miou_fg", "seg_pixel_acc",
+               "seg_miou_all_background", "mim_mse", "completion_bleu4_greedy",
+               "completion_f1_greedy")
 """Held-out figures that only some recipes measure (their objectives' or model's own
 evaluation: generated-caption overlap, ITM, grounding, segmentation)."""
 BASELINE = "clip_tiny"
