@@ -92,6 +92,7 @@ def test_pad_positions_ignored() -> None:
     assert abs(obj(ones, Outputs(image_tokens=img), Dist()).loss.item() - loss.item()) > 1e-6
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_tiny_loop_learns_image_dependent_captions() -> None:
     """Two images, two captions: after training, greedy decoding reproduces each caption."""
     obj = _objective(multimodal_layers=2)
