@@ -255,3 +255,4 @@ def list_recipes() -> list[str]:
 __all__ = ["RECIPES", "list_recipes", "recipe"]
 
 from vlmray import recipes_generative as _generative  # noqa: E402, F401  (registers)
+from vlmray import recipes_rewrite as _rewrite  # noqa: E402, F401  (registers)

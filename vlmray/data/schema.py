@@ -55,6 +55,17 @@ COMPLETION_MASK = "completion_mask"      # int64 (L,): 1 for its real tokens, 0 
 COMPLETION_CONCEPTS = "completion_concepts"  # int64 (k,): indices of the top-k concepts the
                                    # caption was conditioned on (nlip_completion)
 
+# --- rewritten and synthetic captions (issue 4: La-CLIP, ALIP) --------------------------------
+REWRITE_FALLBACKS = "rewrite_fallbacks"  # list<str>: per rewrite slot, "" = the LLM's rewrite
+                                   # was kept, else why it fell back to the original caption
+CAPTION_FALLBACK = "caption_fallback"    # str: "" = synthetic_caption is the captioner's, else
+                                   # why it fell back to the original caption
+TOKENS_AUG = "tokens_aug"          # int64 (T, L): TEXT then its rewrites (texts_aug), tokenised,
+                                   # padded with all-zero rows to data.max_texts_aug slots
+TOKEN_MASK_AUG = "token_mask_aug"  # int64 (T, L): 1 for real tokens; an all-zero row = empty slot
+SYNTHETIC_TOKENS = "synthetic_tokens"      # int64 (L,): SYNTHETIC_CAPTION tokenised (ALIP)
+SYNTHETIC_TOKEN_MASK = "synthetic_token_mask"  # int64 (L,)
+
 # --- curation: provenance, signals, accounting ---------------------------------------------
 URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
 SOURCE = "source"                  # str: the input file a row was read from
@@ -81,7 +92,9 @@ __all__ = [
     "REF_TEXT_EMBEDS", "REF_MASK", "NN_TEXT", "NN_TOKENS", "NN_TOKEN_MASK", "PIXELS", "TOKENS",
     "TOKEN_MASK", "PIXELS_VIEWS", "TOKENS_VIEWS", "TOKEN_MASK_VIEWS", "MLM_TOKENS", "MLM_LABELS",
     "TEXT_PIXELS", "PATCH_MASK", "REGION_BOXES", "REGION_SPANS", "REGION_MASK",
-    "COMPLETION_TOKENS", "COMPLETION_MASK", "COMPLETION_CONCEPTS", "URL", "SOURCE", "ROW_ID",
+    "COMPLETION_TOKENS", "COMPLETION_MASK", "COMPLETION_CONCEPTS", "REWRITE_FALLBACKS",
+    "CAPTION_FALLBACK", "TOKENS_AUG", "TOKEN_MASK_AUG", "SYNTHETIC_TOKENS",
+    "SYNTHETIC_TOKEN_MASK", "URL", "SOURCE", "ROW_ID",
     "WIDTH", "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

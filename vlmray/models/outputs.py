@@ -29,8 +29,11 @@ MASKED_TEXT_TOKENS = "masked_text_tokens"
 COMPLETION_EMBEDS = "completion_embeds"
 """(B, D) normalised text embeddings of each row's generated caption
 (``schema.COMPLETION_TOKENS``, NLIP's noise completion), encoded by the online text tower."""
+SYNTHETIC_TEXT_EMBEDS = "synthetic_text_embeds"
+"""(B, D) normalised text embeddings of each row's synthetic caption
+(``schema.SYNTHETIC_TOKENS``, ALIP's second text), encoded by the same text tower."""
 EXTRA_OUTPUTS = (NN_TEXT_EMBEDS, IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, MLM_STATES,
-                 MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS, COMPLETION_EMBEDS)
+                 MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS, COMPLETION_EMBEDS, SYNTHETIC_TEXT_EMBEDS)
 
 
 @dataclass
@@ -59,5 +62,5 @@ class Outputs:
 
 
 __all__ = ["EXTRA_OUTPUTS", "IMAGE_VIEW_EMBEDS", "MASKED_IMAGE_TOKENS", "MASKED_TEXT_TOKENS",
-           "MLM_STATES", "NN_TEXT_EMBEDS", "Outputs",
+           "MLM_STATES", "NN_TEXT_EMBEDS", "Outputs", "SYNTHETIC_TEXT_EMBEDS",
            "TEXT_VIEW_EMBEDS"]
