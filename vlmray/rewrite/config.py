@@ -25,9 +25,11 @@ class SamplingConfig:
     temperature: float = 0.7
     """0 = greedy."""
     top_p: float = 0.9
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches this."""
     max_tokens: int = 48
     """Generated tokens per rewrite (a caption rarely needs more)."""
     repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens already generated (1 = off)."""
     seed: int = 0
     """Mixed with the row key and the rewrite slot, so a row's rewrites are reproducible."""
 

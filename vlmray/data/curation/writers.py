@@ -83,7 +83,21 @@ def sidecar(batch: Batch, i: int) -> str:
                 value = f"{int(value) & (2**64 - 1):016x}"
             if value not in (None, ""):
                 doc[col] = value
+    doc.update({col: _rewrite_value(batch[col][i]) for col in _REWRITES if col in batch})
     return json.dumps(doc, sort_keys=True, ensure_ascii=False)
+
+
+# Rewritten / synthetic captions (vlmray.rewrite.stage): in the sidecar, and parquet columns.
+_REWRITES = {schema.TEXTS_AUG: pa.list_(pa.string()),
+             schema.REWRITE_FALLBACKS: pa.list_(pa.string()),
+             schema.SYNTHETIC_CAPTION: pa.string(), schema.CAPTION_FALLBACK: pa.string()}
+
+
+def _rewrite_value(value: Any) -> Any:
+    """A str, or a list of str (from a list, tuple or NumPy array), as JSON wants it."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_text(v) for v in value]
+    return "" if value is None else _text(value)
 
 
 def _text(value: Any) -> str:
@@ -104,6 +118,8 @@ def encode_rows(batch: Batch, cfg: WriteConfig, image_suffix: str) -> bytes:
         schema.IMAGE: pa.array(list(batch[schema.IMAGE]), pa.binary()),
         schema.TEXT: pa.array([_text(t) for t in batch[schema.TEXT]], pa.string()),
         schema.META: pa.array(metas, pa.string()),
+        **{col: pa.array([_rewrite_value(v) for v in batch[col]], kind)
+           for col, kind in _REWRITES.items() if col in batch},
     })
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
