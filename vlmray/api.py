@@ -82,6 +82,27 @@ def _resolve_source(cfg: Config, spec: str, builtin_root: str) -> tuple[str, str
     return train, (default_eval if fs.isdir(p) else "")
 
 
+def _check_rewrite(cfg: Config) -> None:
+    """Before any Ray work: the ``data.rewrite`` backend and captioner can load, and an
+    objective that reads synthetic captions has them."""
+    from vlmray.models.outputs import SYNTHETIC_TEXT_EMBEDS
+    from vlmray.objectives import OBJECTIVES
+
+    readers = [s.name for s in cfg.objectives
+               if SYNTHETIC_TEXT_EMBEDS in OBJECTIVES.get(s.name).needs]
+    if readers and "synthetic_caption" not in cfg.data.extra_texts:
+        raise ConfigError(f"objectives {readers} read synthetic captions: set "
+                          "data.rewrite.captioner (oracle, transformers, vllm) or add "
+                          "'synthetic_caption' to data.extra_texts for shards that carry them")
+    if cfg.data.rewrite.enabled:
+        from vlmray.rewrite.stage import check_rewrite
+
+        try:
+            check_rewrite(cfg.data.rewrite)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            raise ConfigError(f"data.rewrite: {e}") from None
+
+
 def _check_run_dir(run_dir: str, resume: bool) -> None:
     fs, p = filesystem(join(run_dir, "config.json"))
     if fs.exists(p) and not resume:
@@ -99,6 +120,7 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     from vlmray.train.trainer import build_trainer
 
     cfg = validate(cfg)
+    _check_rewrite(cfg)
     run_dir = output or f"runs/{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "://" not in run_dir:
         run_dir = str(Path(run_dir).resolve())

@@ -23,6 +23,7 @@ from vlmray.data.synthetic import SyntheticConfig
 from vlmray.data.views import ViewsConfig
 from vlmray.objectives.registry import ObjectiveSpec
 from vlmray.retrieval.config import RetrievalConfig
+from vlmray.rewrite.config import RewriteConfig
 
 SAMPLING_CHOICES = ("mixed", "single_source")
 
@@ -78,10 +79,21 @@ class DataConfig:
     regions: int = 0
     """K > 0: rows carry up to K object boxes and their caption phrases (``REGION_*`` columns
     from the sidecar's ``boxes`` / ``phrases``) for region-word matching; 0: none."""
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    """Run the caption rewriting (La-CLIP, ``k`` > 0) and captioning (ALIP, ``captioner``)
+    stages as a streaming prefix of ingest, as ``curate`` does for curation (default: off)."""
+    max_texts_aug: int = 5
+    """Slots of TOKENS_AUG: the caption, then up to ``max_texts_aug - 1`` rewrites."""
+    extra_texts: list[str] = field(default_factory=list)
+    """Texts tokenised into training rows: ``texts_aug`` (TOKENS_AUG), ``synthetic_caption``
+    (SYNTHETIC_TOKENS); from the rewrite prefix, else the sidecars (``jobs/rewrite_captions.py``
+    shards). Added automatically by ``rewrite.k > 0`` / ``rewrite.captioner``."""
 
     def __post_init__(self) -> None:
+        from vlmray.data.decode import check_extra_texts
         from vlmray.data.sources import check_sources
 
+        check_extra_texts(self)   # adds what data.rewrite makes; caption_sampling needs texts_aug
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
             raise ConfigError(f"data.regions must be an int >= 0 (0 = off), got {self.regions!r}")
         if self.sampling not in SAMPLING_CHOICES:

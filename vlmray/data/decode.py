@@ -10,12 +10,16 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from vlmray.data import schema
 from vlmray.data.tokenize import Tokenizer
+
+if TYPE_CHECKING:
+    from vlmray.config import DataConfig
 
 # Reasons a row is rejected at ingest (the values of the reject_reason column).
 MISSING_IMAGE = "missing_image"
@@ -35,6 +39,11 @@ class DecodeSpec:
     regions: int = 0
     """K > 0: also emit REGION_BOXES (K, 4), REGION_SPANS (K, L), REGION_MASK (K,) from the
     sidecar's ``boxes`` / ``phrases`` (``data.regions``); 0: no region columns."""
+    texts_aug: int = 0
+    """T > 0: also emit TOKENS_AUG / TOKEN_MASK_AUG (T, L): the caption then its rewrites
+    (``texts_aug``; ``data.extra_texts``), see :func:`extra_text_columns`; 0: none."""
+    synthetic_caption: bool = False
+    """Also emit SYNTHETIC_TOKENS / SYNTHETIC_TOKEN_MASK (L,) (``synthetic_caption``)."""
 
 
 Crop = tuple[float, float, float, float]
@@ -105,11 +114,14 @@ def label_of(meta: object) -> int:
 
 
 def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Sequence[object],
-                 metas: Sequence[object], spec: DecodeSpec,
-                 tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+                 metas: Sequence[object], spec: DecodeSpec, tokenizer: Tokenizer, *,
+                 texts_aug: Sequence[object] | None = None,
+                 synthetic: Sequence[object] | None = None) -> dict[str, np.ndarray]:
     """Raw columns -> a batch with PIXELS, TOKENS, TOKEN_MASK, LABEL, TEXT, KEY, REJECT_REASON,
-    and with ``spec.regions = K > 0`` REGION_BOXES, REGION_SPANS, REGION_MASK
-    (:func:`vlmray.data.regions.region_columns`).
+    with ``spec.regions = K > 0`` REGION_BOXES, REGION_SPANS, REGION_MASK
+    (:func:`vlmray.data.regions.region_columns`), and the extra-text token columns
+    ``spec.texts_aug`` / ``spec.synthetic_caption`` ask for (:func:`extra_text_columns`; the
+    ``texts_aug`` / ``synthetic`` columns of an ingest prefix, else the sidecars).
 
     Rejected rows keep their key, text and reason; their pixels (and region columns) are zeros.
     """
@@ -141,7 +153,108 @@ def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Seq
 
         kept = [c if not r else None for c, r in zip(crops, reasons)]
         out.update(region_columns(metas, kept, ids, mask, spec.regions, tokenizer))
+    if spec.texts_aug > 0 or spec.synthetic_caption:
+        out.update(extra_text_columns(clean_texts, reasons, metas, spec, tokenizer,
+                                      texts_aug=texts_aug, synthetic=synthetic))
     return out
 
 
-__all__ = ["DecodeSpec", "REASONS", "decode_image", "label_of", "prepare_rows"]
+EXTRA_TEXT_CHOICES = ("texts_aug", "synthetic_caption")
+"""Values of ``data.extra_texts``."""
+
+
+def check_extra_texts(d: DataConfig) -> None:
+    """``DataConfig``'s checks of its extra texts: adds ``texts_aug`` when ``rewrite.k > 0`` and
+    ``synthetic_caption`` when ``rewrite.captioner != "none"`` (the prefix makes them), then
+    raises ``ValueError`` naming the fix on unknown names, repeats, ``max_texts_aug < 1``, or
+    ``views.caption_sampling="uniform"`` without ``texts_aug``."""
+    if d.rewrite.k > 0 and "texts_aug" not in d.extra_texts:
+        d.extra_texts = [*d.extra_texts, "texts_aug"]
+    if d.rewrite.captioner != "none" and "synthetic_caption" not in d.extra_texts:
+        d.extra_texts = [*d.extra_texts, "synthetic_caption"]
+    bad = [t for t in d.extra_texts if t not in EXTRA_TEXT_CHOICES]
+    if bad or len(set(d.extra_texts)) != len(d.extra_texts):
+        raise ValueError(f"data.extra_texts={d.extra_texts!r}: each one of "
+                         f"{list(EXTRA_TEXT_CHOICES)}, at most once")
+    if isinstance(d.max_texts_aug, bool) or not isinstance(d.max_texts_aug, int) \
+            or d.max_texts_aug < 1:
+        raise ValueError(f"data.max_texts_aug must be an int >= 1, got {d.max_texts_aug!r}")
+    if d.views.caption_sampling == "uniform" and "texts_aug" not in d.extra_texts:
+        raise ValueError("data.views.caption_sampling='uniform' draws among each row's "
+                         "rewritten captions: add 'texts_aug' to data.extra_texts (rows from "
+                         "jobs/rewrite_captions.py shards) or set data.rewrite.k > 0")
+
+
+def _sidecar(meta: object) -> dict:
+    """A JSON sidecar as a dict ({} when absent, unreadable or not an object)."""
+    try:
+        doc = json.loads(_as_str(meta) or "{}")
+    except (ValueError, TypeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _text_list(value: object) -> list[str]:
+    """A ``texts_aug`` value (list, NumPy array, None) -> list of str (None entries -> "")."""
+    if value is None or isinstance(value, (str, bytes)):
+        return []
+    return [_as_str(v) or "" for v in value]
+
+
+def _extra_texts(i: int, meta_doc: dict | None, texts_aug: Sequence[object] | None,
+                 synthetic: Sequence[object] | None) -> tuple[list[str], str]:
+    """Row ``i``'s rewrites (``texts_aug[1:]``) and synthetic caption: from the prefix's
+    columns when given, else from its sidecar (``meta_doc``)."""
+    doc = meta_doc or {}
+    aug = _text_list(texts_aug[i] if texts_aug is not None else doc.get(schema.TEXTS_AUG))
+    syn = synthetic[i] if synthetic is not None else doc.get(schema.SYNTHETIC_CAPTION)
+    return aug[1:], (_as_str(syn) or "") if isinstance(syn, (str, bytes)) else ""
+
+
+def extra_text_columns(texts: Sequence[str], reasons: Sequence[str], metas: Sequence[object],
+                       spec: DecodeSpec, tokenizer: Tokenizer, *,
+                       texts_aug: Sequence[object] | None = None,
+                       synthetic: Sequence[object] | None = None) -> dict[str, np.ndarray]:
+    """Rewritten and synthetic captions, tokenised like TOKENS (same tokenizer, length L).
+
+    ``spec.texts_aug = T > 0``: TOKENS_AUG / TOKEN_MASK_AUG int64 (B, T, L). Slot 0 is the row's
+    own caption (so it equals TOKENS), slots 1.. its rewrites (``texts_aug[1:]``, whose first
+    entry is the original by contract) in order; rewrites beyond T - 1 are dropped, missing
+    ones and empty strings leave all-zero rows (empty slots, never drawn). A row without
+    ``texts_aug`` has only slot 0.
+    ``spec.synthetic_caption``: SYNTHETIC_TOKENS / SYNTHETIC_TOKEN_MASK int64 (B, L); a row
+    without a (non-empty) ``synthetic_caption`` gets its own caption (not counted as a fallback).
+    Values come from ``texts_aug`` / ``synthetic`` (per-row column values of the ingest prefix)
+    when given, else from each sidecar's keys of the same names. Rejected rows: all zeros.
+    """
+    n, t, length = len(texts), spec.texts_aug, tokenizer.context_length
+    from_columns = texts_aug is not None and synthetic is not None
+    pairs = [_extra_texts(i, None if from_columns else _sidecar(metas[i]), texts_aug, synthetic)
+             for i in range(n)]
+    rewrites, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    out: dict[str, np.ndarray] = {}
+    kept = [not r for r in reasons]
+    if t > 0:
+        ids = np.zeros((n, t, length), dtype=np.int64)
+        mask = np.zeros((n, t, length), dtype=np.int64)
+        for slot in range(t):
+            slot_texts = [texts[i] if slot == 0 else
+                          (rewrites[i][slot - 1] if slot - 1 < len(rewrites[i]) else "")
+                          for i in range(n)]
+            live = np.asarray([k and bool(s.strip()) for k, s in zip(kept, slot_texts)], bool)
+            if live.any():
+                i_s, m_s = tokenizer([s for s, ok in zip(slot_texts, live) if ok])
+                ids[live, slot], mask[live, slot] = i_s, m_s
+        out[schema.TOKENS_AUG], out[schema.TOKEN_MASK_AUG] = ids, mask
+    if spec.synthetic_caption:
+        chosen = [(c if c.strip() else texts[i]) if kept[i] else "" for i, c in
+                  enumerate(captions)]
+        ids, mask = tokenizer(chosen)
+        ids[~np.asarray(kept, bool)] = 0
+        mask[~np.asarray(kept, bool)] = 0
+        out[schema.SYNTHETIC_TOKENS], out[schema.SYNTHETIC_TOKEN_MASK] = ids, mask
+    return out
+
+
+__all__ = ["DecodeSpec", "EXTRA_TEXT_CHOICES", "REASONS", "check_extra_texts", "decode_image",
+           "extra_text_columns", "label_of", "prepare_rows"]

@@ -7,7 +7,8 @@ one small Ray actor, :class:`StreamTally`, keeps a bitmap of the row ids seen pe
 The split stage asks it which rows of each batch are new: only new rows are counted (by reject
 reason) and only new rejected rows are written to ``rejects/``, so a row re-read in a later
 epoch — or in a differently composed batch — is never counted or written twice. Memory is one
-bit per input row in that actor (about 225 MB for 1.8 billion rows), not the data.
+bit per input row in that actor (about 225 MB for 1.8 billion rows), not the data. With
+``data.rewrite`` on, the rewrite prefix's fallbacks of new rows are counted there too.
 
     train, tally = stream_ingest(cfg.data, "s3://bucket/shards", rejects_uri="runs/x/rejects")
     ...                                   # training consumes ``train``
@@ -40,10 +41,13 @@ class StreamTally:
         self.seen: dict[int, np.ndarray] = {}      # input file index -> bool per row index
         self.rows_in = 0
         self.reasons: Counter[str] = Counter()
+        self.fallbacks: dict[str, Counter[str]] = {}
 
-    def add(self, row_ids: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+    def add(self, row_ids: np.ndarray, reasons: np.ndarray,
+            fallbacks: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Marks ``row_ids`` seen; returns the bool mask of rows seen for the first time and
-        counts those (rejected ones by ``reasons``, "" = accepted)."""
+        counts those (rejected ones by ``reasons``, "" = accepted; and the rewrite prefix's
+        ``fallbacks`` columns, :func:`vlmray.data.ingest.count_fallbacks`)."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
         files, rows = row_ids >> _ROW_BITS, row_ids & ((1 << _ROW_BITS) - 1)
         new = np.zeros(len(row_ids), dtype=bool)
@@ -54,6 +58,11 @@ class StreamTally:
             bits[rows[sel]] = True
         self.rows_in += int(new.sum())
         self.reasons.update(str(r) for r in np.asarray(reasons, dtype=object)[new] if r)
+        if fallbacks:
+            from vlmray.data.ingest import count_fallbacks
+
+            for key, counts in count_fallbacks({c: v[new] for c, v in fallbacks.items()}).items():
+                self.fallbacks.setdefault(key, Counter()).update(counts)
         return new
 
     def _bits(self, f: int, size: int) -> np.ndarray:
@@ -68,7 +77,8 @@ class StreamTally:
     def totals(self) -> dict[str, Any]:
         rejected = sum(self.reasons.values())
         return {"rows_in": self.rows_in, "rows_accepted": self.rows_in - rejected,
-                "rows_rejected": rejected, "reject_reasons": dict(sorted(self.reasons.items()))}
+                "rows_rejected": rejected, "reject_reasons": dict(sorted(self.reasons.items())),
+                **{k: dict(sorted(c.items())) for k, c in sorted(self.fallbacks.items())}}
 
 
 class SplitStage:
@@ -82,8 +92,11 @@ class SplitStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
+        from vlmray.data.ingest import FALLBACK_COLUMNS
+
         reasons = batch[schema.REJECT_REASON]
-        new = ray.get(self.tally.add.remote(batch[schema.ROW_ID], reasons))
+        fallbacks = {c: batch[c] for c in FALLBACK_COLUMNS if c in batch}
+        new = ray.get(self.tally.add.remote(batch[schema.ROW_ID], reasons, fallbacks))
         rejected = new & (reasons != "")
         if self.rejects_uri and rejected.any():
             self._write_rejects({c: batch[c][rejected] for c in (

@@ -8,6 +8,8 @@ when an objective asks for them (``vlmray.models.outputs``).
     text views   -> schema.TOKENS_VIEWS     (V_t, L)       "eda" / "summary" / "attributes"
     mlm_prob > 0 -> schema.MLM_TOKENS, schema.MLM_LABELS (L,)
     render_text  -> schema.TEXT_PIXELS      (3, S, S)      the caption drawn as an image
+    caption_sampling="uniform" -> schema.TOKENS / TOKEN_MASK replaced by a uniform draw among
+                    the row's non-empty TOKENS_AUG slots (La-CLIP), which are then dropped
 
     ds = ds.map_batches(ViewStage(cfg.data), batch_format="numpy")   # vlmray.data.augment
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 
 IMAGE_VIEW_KINDS = ("global", "local")
 TEXT_VIEW_KINDS = ("eda", "summary", "attributes")
+CAPTION_SAMPLING = ("original", "uniform")
 
 
 @dataclass(kw_only=True)
@@ -70,8 +73,17 @@ class ViewsConfig:
     """Draw each caption onto an image (``schema.TEXT_PIXELS``) for CLIPPO's shared tower."""
     seed: int = 0
     """Seed of the view randomness (mixed with call counters and the process id: see above)."""
+    caption_sampling: Literal["original", "uniform"] = "original"
+    """``original``: TOKENS is the row's caption. ``uniform`` (La-CLIP): each time a row is
+    seen, TOKENS / TOKEN_MASK become one of its non-empty TOKENS_AUG slots (the original
+    caption and its rewrites), drawn uniformly; needs ``texts_aug`` in ``data.extra_texts``.
+    MLM masks the drawn tokens; text views and ``render_text`` still read the original caption
+    string (TEXT): the rewrites reach training as tokens only."""
 
     def __post_init__(self) -> None:
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ValueError(f"data.views.caption_sampling: {self.caption_sampling!r} is not "
+                             f"one of {list(CAPTION_SAMPLING)}")
         for kind in self.image:
             if kind not in IMAGE_VIEW_KINDS:
                 raise ValueError(f"data.views.image: {kind!r} is not one of "
@@ -93,7 +105,8 @@ class ViewsConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.image or self.text or self.mlm_prob > 0 or self.render_text)
+        return bool(self.image or self.text or self.mlm_prob > 0 or self.render_text
+                    or self.caption_sampling != "original")
 
     @property
     def needs_text(self) -> bool:
@@ -111,8 +124,11 @@ class ViewStage:
     columns, and TEXT (str) when ``views.needs_text``. Out: every input column but TEXT
     (torch batches cannot hold strings), plus PIXELS_VIEWS (B, V, 3, S, S) uint8,
     TOKENS_VIEWS / TOKEN_MASK_VIEWS (B, V_t, L) int64, MLM_TOKENS / MLM_LABELS (B, L) int64
-    and TEXT_PIXELS (B, 3, S, S) uint8, as configured. Holds only light, picklable settings;
-    the tokenizer is built once per worker process (``cached_tokenizer``).
+    and TEXT_PIXELS (B, 3, S, S) uint8, as configured. With ``caption_sampling="uniform"``
+    TOKENS / TOKEN_MASK are first redrawn from TOKENS_AUG / TOKEN_MASK_AUG (B, T, L), which are
+    then dropped (no objective reads them); a batch without them keeps its captions (as rows
+    whose ``texts_aug`` is missing). Holds only light, picklable settings; the tokenizer is
+    built once per worker process (``cached_tokenizer``).
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -135,6 +151,14 @@ class ViewStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         v, rng = self.views, self._rng()
         out = {k: col for k, col in batch.items() if k != schema.TEXT}
+        if v.caption_sampling == "uniform" and schema.TOKENS_AUG in batch:
+            out[schema.TOKENS], out[schema.TOKEN_MASK] = sample_captions(
+                np.asarray(batch[schema.TOKENS]), np.asarray(batch[schema.TOKEN_MASK]),
+                np.asarray(batch[schema.TOKENS_AUG]), np.asarray(batch[schema.TOKEN_MASK_AUG]),
+                rng)
+            del out[schema.TOKENS_AUG], out[schema.TOKEN_MASK_AUG]
+            batch = {**batch, schema.TOKENS: out[schema.TOKENS],
+                     schema.TOKEN_MASK: out[schema.TOKEN_MASK]}     # MLM masks the drawn one
         texts: list[str] = []
         if v.needs_text:
             if schema.TEXT not in batch:
@@ -184,4 +208,22 @@ class ViewStage:
             masks.append(m)
         return np.stack(ids, axis=1), np.stack(masks, axis=1)
 
-__all__ = ["IMAGE_VIEW_KINDS", "TEXT_VIEW_KINDS", "ViewStage", "ViewsConfig"]
+def sample_captions(tokens: np.ndarray, mask: np.ndarray, tokens_aug: np.ndarray,
+                    mask_aug: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """La-CLIP's text augmentation: each row's caption drawn uniformly among its non-empty
+    slots. tokens, mask (B, L); tokens_aug, mask_aug (B, T, L), a slot is empty when its mask
+    row is all zero -> (tokens, mask) (B, L). Rows without a non-empty slot keep their own."""
+    live = mask_aug.sum(-1) > 0                                           # (B, T)
+    n = live.sum(-1)                                                      # (B,)
+    pick = np.minimum((rng.random(len(n)) * n).astype(np.int64), np.maximum(n - 1, 0))
+    slot = (np.cumsum(live, -1) > pick[:, None]).argmax(-1)               # pick-th live slot
+    rows = np.arange(len(n))
+    has = n > 0
+    out_t, out_m = tokens.copy(), mask.copy()
+    out_t[has], out_m[has] = tokens_aug[rows, slot][has], mask_aug[rows, slot][has]
+    return out_t, out_m
+
+
+__all__ = ["CAPTION_SAMPLING", "IMAGE_VIEW_KINDS", "TEXT_VIEW_KINDS", "ViewStage", "ViewsConfig",
+           "sample_captions"]
