@@ -15,6 +15,7 @@ from vlmray.models.outputs import (
     MASKED_IMAGE_TOKENS,
     MASKED_TEXT_TOKENS,
     NN_TEXT_EMBEDS,
+    SYNTHETIC_TEXT_EMBEDS,
     TEXT_VIEW_EMBEDS,
 )
 
@@ -58,6 +59,11 @@ def encode_view_extras(model: Any, batch: Mapping[str, Tensor], needs: Collectio
         ids, mask = batch_columns(batch, (schema.COMPLETION_TOKENS, schema.COMPLETION_MASK),
                                   "completion_embeds (nlip_completion's prepare adds them)")
         extra[COMPLETION_EMBEDS] = model.encode_text(ids, mask)[0]               # (B, D)
+    if SYNTHETIC_TEXT_EMBEDS in needs:
+        ids, mask = batch_columns(batch, (schema.SYNTHETIC_TOKENS, schema.SYNTHETIC_TOKEN_MASK),
+                                  "synthetic_text_embeds (ALIP: data.extra_texts="
+                                  "['synthetic_caption'])")
+        extra[SYNTHETIC_TEXT_EMBEDS] = model.encode_text(ids, mask)[0]           # (B, D)
     return extra
 
 

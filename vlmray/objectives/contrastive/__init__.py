@@ -16,4 +16,5 @@ __all__ = ["ClipLoss", "OneRLoss", "DeclipMVLoss", "MLMLoss", "SimSiamLoss",
            "DeclipNNSLoss", "FilipLoss", "NlipLoss", "OtterLoss", "PyramidClipLoss", "SigLipLoss",
            "UniClLoss"]
 
+from vlmray.objectives.contrastive.alip import AlipLoss  # noqa: E402, F401
 from vlmray.objectives.contrastive.nlip_completion import NlipCompletionLoss  # noqa: E402, F401
