@@ -19,7 +19,7 @@ import torch
 from vlmray.config import Config, validate
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
-from vlmray.data.ingest import decode_spec, tokenizer_for
+from vlmray.data.ingest import EXTRA_TEXT_COLUMNS, decode_spec, tokenizer_for
 from vlmray.data.synthetic import SyntheticConfig, make_sample
 from vlmray.data.views import ViewStage
 from vlmray.distributed import Dist
@@ -84,16 +84,35 @@ def retrieval_columns(cfg: Config, rows: dict[str, np.ndarray]) -> dict[str, tor
     return {}
 
 
+def rewritten(cfg: Config, samples: list[dict]) -> dict[str, list]:
+    """What the ``data.rewrite`` ingest prefix adds, made in plain Python: the offline
+    backend's rewrites (``texts_aug``) and the oracle's synthetic captions."""
+    rw, out = cfg.data.rewrite, {}
+    if rw.k and rw.backend == "offline":
+        from vlmray.rewrite.offline import paraphrase
+
+        out["texts_aug"] = [[s[schema.TEXT]] + [
+            paraphrase(s[schema.TEXT], seed=rw.sampling.seed, key=s[schema.KEY], slot=j)
+            for j in range(rw.k)] for s in samples]
+    if rw.captioner == "oracle":
+        from vlmray.rewrite.captioners import oracle_caption
+
+        out["synthetic"] = [oracle_caption(s[schema.META], s[schema.KEY]) for s in samples]
+    return out
+
+
 def make_batch(cfg: Config) -> dict[str, torch.Tensor]:
     syn = SyntheticConfig(num_train=BATCH, num_eval=BATCH, image_size=48, shard_size=BATCH)
     samples = [make_sample(syn, "eval", i) for i in range(BATCH)]
     rows = prepare_rows([s[schema.KEY] for s in samples], [s[schema.IMAGE] for s in samples],
                         [s[schema.TEXT] for s in samples], [s[schema.META] for s in samples],
-                        decode_spec(cfg.data), tokenizer_for(cfg.data))
+                        decode_spec(cfg.data), tokenizer_for(cfg.data),
+                        **rewritten(cfg, samples))
     assert (rows[schema.REJECT_REASON] == "").all()
     cols = (schema.PIXELS, schema.TOKENS, schema.TOKEN_MASK, schema.LABEL)
     if cfg.data.regions:   # region-word matching: the region columns ingest carries
         cols += (schema.REGION_BOXES, schema.REGION_SPANS, schema.REGION_MASK)
+    cols += tuple(c for name in cfg.data.extra_texts for c in EXTRA_TEXT_COLUMNS[name])
     arrays = {c: rows[c] for c in cols}
     if cfg.data.views.enabled:   # the augmented views, as augment_train's Ray Data stage adds them
         if cfg.data.views.needs_text:
