@@ -53,7 +53,7 @@ from vlmray.data.curation.writers import (
     existing_shards,
     write_shards,
 )
-from vlmray.data.storage import arrow_filesystem, filesystem, join, open_write
+from vlmray.data.storage import arrow_filesystem, exists, filesystem, join, open_write, remove
 
 REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
                   schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
@@ -84,11 +84,6 @@ def fingerprint(job: CurateJobConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
 def _read_json(uri: str) -> dict[str, Any]:
     fs, path = filesystem(uri)
     with fs.open(path, "r") as f:
@@ -100,22 +95,13 @@ def _write_json(uri: str, doc: dict[str, Any]) -> None:
         json.dump(doc, f, indent=2, sort_keys=True)
 
 
-def _rm(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def input_uri(job: CurateJobConfig) -> str:
     """The input to read: ``job.input``, or the generated built-in train split."""
     if job.input != "builtin":
         return job.input
-    from vlmray.data.synthetic import write_synthetic
+    from vlmray.data.synthetic import ensure_synthetic
 
-    raw = join(job.output, "raw")
-    if not _exists(join(raw, "dataset.json")):
-        write_synthetic(job.synthetic, raw)
-    return join(raw, "train")
+    return join(ensure_synthetic(job.synthetic, join(job.output, "raw")), "train")
 
 
 def plan(job: CurateJobConfig, uri: str):
@@ -131,10 +117,10 @@ def staged_rows(job: CurateJobConfig, layout: Layout, uri: str):
     import ray.data
 
     fs, path = arrow_filesystem(layout.staging)
-    if _exists(layout.staged) and _read_json(layout.staged).get("fingerprint") == fingerprint(job):
+    if exists(layout.staged) and _read_json(layout.staged).get("fingerprint") == fingerprint(job):
         print(f"[curate] reusing staged rows in {layout.staging}", flush=True)
         return ray.data.read_parquet(path, filesystem=fs).materialize(), _read_json(layout.staged)
-    _rm(layout.staging)
+    remove(layout.staging)
     ds, stages, n_files = plan(job, uri)
     staged = ds.materialize()
     staged.write_parquet(path, filesystem=fs)
@@ -169,7 +155,7 @@ def write_rejects(final, layout: Layout) -> int:
     returns the number of rows written."""
     import pyarrow.parquet as pq
 
-    _rm(layout.rejects)
+    remove(layout.rejects)
     table = collect_rejects(final, [c for c in REJECT_COLUMNS if c in final.columns()])
     for i, start in enumerate(range(0, table.num_rows, REJECTS_PER_FILE)):
         with open_write(join(layout.rejects, f"rejects-{i:05d}.parquet"), "wb") as f:
@@ -180,10 +166,10 @@ def write_rejects(final, layout: Layout) -> int:
 def _check_output(job: CurateJobConfig, layout: Layout) -> dict[str, Any] | None:
     """The finished stats when this exact job already completed; fails on a different job."""
     fp = fingerprint(job)
-    if _exists(layout.job) and _read_json(layout.job).get("fingerprint") != fp:
+    if exists(layout.job) and _read_json(layout.job).get("fingerprint") != fp:
         raise ConfigError(f"{job.output!r} holds a curation with different settings; "
                           "choose another --output")
-    if _exists(layout.stats):
+    if exists(layout.stats):
         return _read_json(layout.stats)
     _write_json(layout.job, {"fingerprint": fp, "config": asdict(job)})
     return None
@@ -228,7 +214,7 @@ def run(job: CurateJobConfig) -> CurateResult:
         stats["builtin_noise"] = noise
     _write_json(layout.stats, stats)
     if not job.keep_staging:
-        _rm(layout.staging)
+        remove(layout.staging)
     return CurateResult(job.output, stats)
 
 

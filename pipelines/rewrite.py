@@ -31,7 +31,7 @@ from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
 from vlmray.data.curation.writers import WriteConfig, write_shards
-from vlmray.data.storage import filesystem, join, write_bytes_atomic
+from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.rewrite.config import RewriteConfig
 from vlmray.rewrite.stage import (
@@ -65,27 +65,13 @@ class RewriteJobConfig:
     """Rewrites per caption (La-CLIP used 4), backend, model, sampling, validation, captioner."""
 
 
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
-def _rm(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def input_root(job: RewriteJobConfig) -> str:
     """The dataset root: ``<output>/raw`` (built-in, generated now) or ``job.input``."""
     if job.input != "builtin":
         return job.input
-    from vlmray.data.synthetic import write_synthetic
+    from vlmray.data.synthetic import ensure_synthetic
 
-    raw = join(job.output, "raw")
-    if not _exists(join(raw, "dataset.json")):
-        write_synthetic(job.synthetic, raw)
-    return raw
+    return ensure_synthetic(job.synthetic, join(job.output, "raw"))
 
 
 def input_uri(job: RewriteJobConfig) -> str:
@@ -106,7 +92,7 @@ def copy_eval(job: RewriteJobConfig) -> str:
     if any(c in src for c in "*?[") or not fs.isdir(path):
         return ""
     dst = join(job.output, "eval")
-    _rm(dst)
+    remove(dst)
     for f in sorted(fs.find(path)):
         with fs.open(f, "rb") as fh:
             write_bytes_atomic(join(dst, f[len(path.rstrip("/")) + 1:]), fh.read())
@@ -161,7 +147,7 @@ def _write(final, job: RewriteJobConfig) -> tuple[np.ndarray, int, int]:
     ids = np.sort(np.concatenate([b[schema.ROW_ID] for b in final.select_columns(
         [schema.ROW_ID]).iter_batches(batch_format="numpy", batch_size=None)]))
     shards_uri = join(job.output, "shards")
-    _rm(shards_uri)
+    remove(shards_uri)
     n_shards = -(-len(ids) // job.write.shard_size)
     written = write_shards(final, ids, list(range(n_shards)), shards_uri, job.write, "jpg")
     return ids, sum(int(r["rows"]) for r in written), n_shards

@@ -65,11 +65,9 @@ def _resolve_source(cfg: Config, spec: str, builtin_root: str) -> tuple[str, str
     from vlmray.data.sources import builtin_config, is_builtin
 
     if is_builtin(spec):
-        from vlmray.data.synthetic import write_synthetic
+        from vlmray.data.synthetic import ensure_synthetic
 
-        fs, p = filesystem(join(builtin_root, "dataset.json"))
-        if not fs.exists(p):
-            write_synthetic(builtin_config(spec, cfg.data.synthetic), builtin_root)
+        ensure_synthetic(builtin_config(spec, cfg.data.synthetic), builtin_root)
         return join(builtin_root, "train"), join(builtin_root, "eval")
     train = spec
     for sub in ("train", "shards"):          # a dataset root, or a curation job's output

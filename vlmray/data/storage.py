@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 __all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent",
-           "open_write", "write_bytes_atomic"]
+           "exists", "remove", "open_write", "write_bytes_atomic"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -94,6 +94,19 @@ def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of :func:`filesystem`: a path native to ``fs`` back to a URI (plain if local)."""
     return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory is at ``uri`` (local or s3://)."""
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def remove(uri: str) -> None:
+    """Deletes the file or directory tree at ``uri`` if there is one (local or s3://)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -52,7 +52,7 @@ from vlmray.data.synthetic_text import (
 
 __all__ = [
     "SyntheticConfig", "SHAPES", "COLOURS", "CLASSNAMES", "TEMPLATES", "NOISE_KINDS", "SPLITS",
-    "sample_key", "make_sample", "make_shard", "write_synthetic",
+    "sample_key", "make_sample", "make_shard", "write_synthetic", "ensure_synthetic",
     "CLASSNAME", "COUNT", "SIZE", "NOISE", "SOURCE_KEY", "SHARD", "SHAPE", "OBJECTS",
     "label_map", "has_objects",
 ]
@@ -371,3 +371,13 @@ def write_synthetic(cfg: SyntheticConfig, root: str, *, workers: int = 1) -> dic
     _write_bytes(join(root, "eval", CLASSES_FILE), json.dumps(classes, indent=1).encode())
     _write_bytes(join(root, "dataset.json"), json.dumps(summary, indent=1).encode())
     return summary
+
+
+def ensure_synthetic(cfg: SyntheticConfig, root: str) -> str:
+    """``root``, holding the built-in dataset: generated now unless ``root/dataset.json``
+    shows an earlier run already wrote it."""
+    from vlmray.data.storage import exists
+
+    if not exists(join(root, "dataset.json")):
+        write_synthetic(cfg, root)
+    return root

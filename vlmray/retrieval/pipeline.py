@@ -38,7 +38,7 @@ from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
 from vlmray.data.curation.stage import apply_stage
-from vlmray.data.storage import filesystem, join, write_bytes_atomic
+from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.retrieval.build import build_sharded
 from vlmray.retrieval.embed import (
@@ -105,27 +105,13 @@ class IndexJobConfig:
         return ("image", "text") if self.embed.modality == "both" else (self.embed.modality,)
 
 
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
-def _rm(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def input_uri(job: IndexJobConfig) -> str:
     """The shards to read: ``<input>/shards`` or ``<input>/train`` when there, else ``input``;
     ``builtin`` generates the built-in dataset first."""
     if job.input == "builtin":
-        from vlmray.data.synthetic import write_synthetic
+        from vlmray.data.synthetic import ensure_synthetic
 
-        raw = join(job.output, "raw")
-        if not _exists(join(raw, "dataset.json")):
-            write_synthetic(job.synthetic, raw)
-        return join(raw, "train")
+        return join(ensure_synthetic(job.synthetic, join(job.output, "raw")), "train")
     fs, path = filesystem(job.input)
     if not any(c in job.input for c in "*?[") and fs.isdir(path):
         for sub in ("shards", "train"):
@@ -197,7 +183,7 @@ def run(job: IndexJobConfig) -> dict[str, Any]:
         ds = apply_stage(ds, SubsetStage(job.subset, job.reference_fraction, job.split_seed))
     ds = apply_stage(ds, stage)
     emb = join(job.output, "embeddings")
-    _rm(emb)
+    remove(emb)
     written = write_embeddings(ds, emb, columns=job.embed.columns)
     why = np.asarray(written.rejects.column(schema.REJECT_REASON).to_pylist(), dtype=object)
     reasons = Counter(why.tolist())
