@@ -185,11 +185,16 @@ def describe(name: str, o: dict[str, Any]) -> dict[str, Any]:
     if cfg.data.extra_sources:
         notes.append(f"+ extra sources {', '.join(cfg.data.extra_sources)} "
                      f"({cfg.data.sampling} sampling)")
-    v = cfg.data.views
-    if v.enabled:
-        kinds = [*v.image, *v.text] + (["mlm"] if v.mlm_prob else []) + (
-            ["rendered text"] if v.render_text else [])
+    v, rw = cfg.data.views, cfg.data.rewrite
+    kinds = [*v.image, *v.text] + (["mlm"] if v.mlm_prob else []) + (
+        ["rendered text"] if v.render_text else [])
+    if kinds:
         notes.append("views: " + ", ".join(kinds))
+    if rw.k:
+        notes.append(f"{rw.k} {rw.backend} rewrites per caption, caption sampled "
+                     f"{v.caption_sampling}")
+    if rw.captioner != "none":
+        notes.append(f"{rw.captioner} synthetic captions")
     return {"objectives": objectives, "batch_size": cfg.train.batch_size,
             "notes": "; ".join(notes)}
 
