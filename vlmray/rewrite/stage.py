@@ -50,6 +50,9 @@ REWRITE_TOKENS = "rewrite_tokens"
 """Column (int64): tokens generated for the row's k rewrites together."""
 CAPTION_TOKENS_OUT = "caption_tokens"
 """Column (int64): tokens generated for the row's synthetic caption."""
+LIGHT_CPUS = 0.25
+"""CPUs the light steps (prepare, validate) reserve. With a whole CPU each, a 2-CPU node whose
+model replica holds one CPU could not schedule them, and the plan would wait forever."""
 _ORIGINAL = "_text_original"       # TEXT as it came in, restored after validation
 
 
@@ -149,7 +152,8 @@ def check_rewrite(cfg: RewriteConfig) -> None:
 def rewrite_plan(ds: ray.data.Dataset, cfg: RewriteConfig) -> ray.data.Dataset:
     """``ds`` plus the validated rewrite (and caption) columns; lazy, no row added or lost."""
     prompts = LaClipPrompts(cfg)
-    ds = ds.map_batches(prepare_batch, batch_format="numpy", batch_size=cfg.batch_size * 4)
+    ds = ds.map_batches(prepare_batch, batch_format="numpy", batch_size=cfg.batch_size * 4,
+                        num_cpus=LIGHT_CPUS)
     if cfg.k > 0:
         ds = rewrite_backend(cfg).apply(ds, prompts)
     if cfg.captioner != "none":
@@ -163,7 +167,7 @@ def rewrite_plan(ds: ray.data.Dataset, cfg: RewriteConfig) -> ray.data.Dataset:
                               batch_format="pyarrow", batch_size=256,
                               compute=ActorPoolStrategy(size=cfg.concurrency))
     return ds.map_batches(validate_batch, fn_kwargs=kwargs, batch_format="pyarrow",
-                          batch_size=256)
+                          batch_size=256, num_cpus=LIGHT_CPUS)
 
 
 def _tally(reasons: list[str]) -> dict[str, Any]:
