@@ -19,7 +19,6 @@ as a streaming prefix of training ingest.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -114,9 +113,8 @@ def validate_batch(table: pa.Table, *, k: int, captions: bool, vcfg: ValidateCon
     """Raw model outputs -> the validated columns; TEXT restored, raw columns dropped."""
     original = table.column(_ORIGINAL)
     originals = [_str(x) for x in original.to_pylist()]
-    reasons = (table.column(schema.REJECT_REASON).to_pylist()
-               if schema.REJECT_REASON in table.column_names else [""] * table.num_rows)
-    rejected = np.array([bool(_str(r)) for r in reasons], dtype=bool)
+    rejected = _rejected({c: table.column(c).to_pylist() for c in table.column_names
+                          if c == schema.REJECT_REASON}, table.num_rows)
     new = _rewrite_columns(table, k, originals, rejected, vcfg, prompt_texts, agreement)
     if captions:
         new.update(_caption_columns(table, originals, rejected, vcfg))
@@ -170,27 +168,25 @@ def rewrite_plan(ds: ray.data.Dataset, cfg: RewriteConfig) -> ray.data.Dataset:
                           batch_size=256, num_cpus=LIGHT_CPUS)
 
 
-def _tally(reasons: list[str]) -> dict[str, Any]:
-    by = Counter(r for r in reasons if r)
+def _tally(counts: dict[str, int]) -> dict[str, Any]:
+    """reason -> count (``kept`` included) -> total, kept, fell_back, skipped_rejected,
+    by_reason."""
+    by = {r: n for r, n in sorted(counts.items()) if r != "kept"}
     skipped = by.get(SKIPPED_REJECTED, 0)
-    return {"total": len(reasons), "kept": len(reasons) - sum(by.values()),
+    return {"total": sum(counts.values()), "kept": counts.get("kept", 0),
             "fell_back": sum(by.values()) - skipped, "skipped_rejected": skipped,
-            "by_reason": dict(sorted(by.items()))}
+            "by_reason": by}
 
 
 def fallback_counts(ds: ray.data.Dataset) -> dict[str, dict[str, Any]]:
     """``{"rewrites": tally, "captions": tally}`` (a tally: total, kept, fell_back,
-    skipped_rejected, by_reason) over a dataset after :func:`rewrite_plan`; one pass over its
-    two small reason columns."""
-    cols = [c for c in (schema.REWRITE_FALLBACKS, schema.CAPTION_FALLBACK) if c in ds.columns()]
-    rewrites: list[str] = []
-    captions: list[str] = []
-    for t in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=4096):
-        if schema.REWRITE_FALLBACKS in t.column_names:
-            rewrites += [r for row in t.column(schema.REWRITE_FALLBACKS).to_pylist() for r in row]
-        if schema.CAPTION_FALLBACK in t.column_names:
-            captions += t.column(schema.CAPTION_FALLBACK).to_pylist()
-    return {"rewrites": _tally(rewrites), "captions": _tally(captions)}
+    skipped_rejected, by_reason) over a dataset after :func:`rewrite_plan`, from the same
+    count the training summary uses (:func:`vlmray.data.ingest.fallback_totals`)."""
+    from vlmray.data.ingest import fallback_totals
+
+    totals = fallback_totals(ds)
+    return {"rewrites": _tally(totals.get("rewrite_fallbacks", {})),
+            "captions": _tally(totals.get("caption_fallbacks", {}))}
 
 
 __all__ = ["CAPTION_TOKENS_OUT", "REWRITE_TOKENS", "check_rewrite", "fallback_counts",
