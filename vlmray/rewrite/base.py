@@ -29,7 +29,7 @@ import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from vlmray.rewrite.config import SMOLLM2, RewriteConfig
 
@@ -103,20 +103,22 @@ _CAPTIONER_MODULES = {"oracle": "vlmray.rewrite.captioners",
                       "vllm": "vlmray.rewrite.vllm_backend"}
 
 
-def register_backend(name: str) -> Callable[[type[RewriteBackend]], type[RewriteBackend]]:
-    def deco(cls: type[RewriteBackend]) -> type[RewriteBackend]:
+def _register(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
+    def deco(cls: Any) -> Any:
         cls.name = name
-        REWRITE_BACKENDS[name] = cls
+        table[name] = cls
         return cls
     return deco
+
+
+def register_backend(name: str) -> Callable[[type[RewriteBackend]], type[RewriteBackend]]:
+    """Class decorator: ``cls`` is the rewrite backend ``rewrite.backend=name`` chooses."""
+    return _register(REWRITE_BACKENDS, name)
 
 
 def register_captioner(name: str) -> Callable[[type[Captioner]], type[Captioner]]:
-    def deco(cls: type[Captioner]) -> type[Captioner]:
-        cls.name = name
-        CAPTIONERS[name] = cls
-        return cls
-    return deco
+    """Class decorator: ``cls`` is the captioner ``rewrite.captioner=name`` chooses."""
+    return _register(CAPTIONERS, name)
 
 
 def rewrite_backend(cfg: RewriteConfig) -> RewriteBackend:
