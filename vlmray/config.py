@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from vlmray.data.curation.config import CurationConfig
 from vlmray.data.mixup import MixupConfig  # noqa: F401  (re-exported: data.mixup's type)
+from vlmray.data.placement import PlacementConfig
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.data.views import ViewsConfig
 from vlmray.objectives.registry import ObjectiveSpec
@@ -76,6 +77,9 @@ class DataConfig:
     """Stream training rows straight from the shards every epoch (read, decode, validate),
     materialising nothing, for data larger than the object store (ALIGN-scale). Rows are
     still each counted once and rejects written once; the counts cover the rows read."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Which nodes run the data stages (custom resources for data and for model stages) and the
+    stream's memory: object-store budget, CPU budget, block size, read concurrency, prefetch."""
     regions: int = 0
     """K > 0: rows carry up to K object boxes and their caption phrases (``REGION_*`` columns
     from the sidecar's ``boxes`` / ``phrases``) for region-word matching; 0: none."""

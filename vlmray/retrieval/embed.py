@@ -190,7 +190,7 @@ class EmbedStage(ModelStage):
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"embed.model: {e}") from None
         self.resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                                   actors=cfg.actors, batch_size=cfg.batch_size)
+                                   actors=cfg.actors, batch_size=cfg.batch_size, model=True)
         self.dims: dict[str, int] = {}
         self._embedder: Embedder | None = None
 

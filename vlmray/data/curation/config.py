@@ -16,6 +16,7 @@ from vlmray.data.curation.readers import ReadConfig
 from vlmray.data.curation.score import ScoreConfig
 from vlmray.data.curation.text import TextConfig
 from vlmray.data.curation.writers import WriteConfig
+from vlmray.data.placement import PlacementConfig
 from vlmray.data.synthetic import SyntheticConfig
 
 
@@ -60,6 +61,9 @@ class CurateJobConfig:
     """Duplicate keys, exact and near-duplicate images, repeated captions."""
     write: WriteConfig = field(default_factory=WriteConfig)
     """Output shard format and size."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Custom resources of the data stages (which nodes read and curate) and the stream's
+    object-store budget, CPU budget and block size."""
     keep_staging: bool = False
     """Keep ``<output>/_staging`` (the validated rows before deduplication) after success."""
 

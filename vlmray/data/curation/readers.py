@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.data import schema
+from vlmray.data.placement import PlacementConfig, apply_budget, remote_args
 from vlmray.data.storage import arrow_filesystem, filesystem, is_remote, join, to_uri
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ _SUFFIX_COLUMN = {**dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "bmp", "
                                   schema.IMAGE), "txt": schema.TEXT, "json": schema.META}
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 _GLOB_CHARS = "*?["
+READ_CPUS = 1.0   # Ray Data's read default: equal remote args let the text stage fuse with it
 _VALID = ("valid formats: webdataset (.tar, .tar.gz, .tgz), parquet (.parquet), urls (.csv, "
           ".tsv, .jsonl, .txt, or a .parquet with a URL column and no image column)")
 
@@ -371,15 +373,25 @@ def read_file(uri: str, file_index: int, fmt: str, cfg: ReadConfig | None = None
 # --- reading many files ---------------------------------------------------------------------
 
 
-def read_inputs(uri: str, cfg: ReadConfig | None = None) -> ray.data.Dataset:
+def read_inputs(uri: str, cfg: ReadConfig | None = None,
+                placement: PlacementConfig | None = None) -> ray.data.Dataset:
     """A Ray Data plan reading every input file in its own read task (rows of a file in order;
-    the per-row stages after it run in the same task)."""
+    the per-row stages after it run in the same task). With ``placement`` the read tasks ask
+    for its custom resources, at most ``read_concurrency`` run at once, and the plan carries
+    its object-store budget and block size (:func:`~vlmray.data.placement.apply_budget` on the
+    dataset's own context)."""
     import ray.data
 
     from vlmray.data.curation.source import InputFiles
 
     files = list_inputs(uri, cfg)
-    return ray.data.read_datasource(InputFiles(files, cfg), override_num_blocks=len(files))
+    if placement is None:
+        return ray.data.read_datasource(InputFiles(files, cfg), override_num_blocks=len(files))
+    ds = ray.data.read_datasource(InputFiles(files, cfg), override_num_blocks=len(files),
+                                  concurrency=placement.read_concurrency or None,
+                                  **remote_args(placement, READ_CPUS))
+    apply_budget(placement, ds.context)
+    return ds
 
 
 def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:

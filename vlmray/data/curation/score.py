@@ -353,7 +353,7 @@ class ScoreStage(ModelStage):
         self.cfg = cfg
         self.source = resolve_model(cfg.model)
         self.resources = Resources(num_cpus=1.0, num_gpus=cfg.num_gpus, actors=cfg.actors,
-                                   batch_size=cfg.batch_size)
+                                   batch_size=cfg.batch_size, model=True)
         self._embedder: Embedder | None = None
 
     def process(self, batch: Batch) -> StageOutput:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from vlmray.data import schema
+from vlmray.data.placement import PlacementConfig, remote_args
 
 if TYPE_CHECKING:
     import ray.data
@@ -41,6 +42,9 @@ class Resources:
     """> 0: an actor pool of this size (``setup`` once per actor); 0: stateless tasks."""
     batch_size: int | None = 64
     """Rows per batch; None = whole blocks (lets Ray Data fuse the stage with the read)."""
+    model: bool = False
+    """The stage holds a model (scoring, embedding, LLM): it is placed by
+    ``PlacementConfig.model_resources`` rather than ``resources``."""
 
 
 @dataclass
@@ -209,11 +213,13 @@ class StageActor:
         return self.stage(batch)
 
 
-def apply_stage(ds: ray.data.Dataset, stage: Stage) -> ray.data.Dataset:
-    """Add ``stage`` to a Ray Data plan, with its declared resources."""
+def apply_stage(ds: ray.data.Dataset, stage: Stage,
+                placement: PlacementConfig | None = None) -> ray.data.Dataset:
+    """Add ``stage`` to a Ray Data plan, with its declared resources and the custom resources
+    ``placement`` gives data (or, for model stages, model) stages."""
     r = stage.resources
     kwargs: dict[str, Any] = {"batch_format": "numpy", "batch_size": r.batch_size,
-                              "num_cpus": r.num_cpus}
+                              **remote_args(placement, r.num_cpus, model=r.model)}
     if r.num_gpus:
         kwargs["num_gpus"] = r.num_gpus
     if r.actors:
