@@ -178,8 +178,8 @@ def describe(name: str, o: dict[str, Any]) -> dict[str, Any]:
                      "(pretrained) caption embeddings")
     if cfg.data.image_size != recipe(BASELINE).data.image_size:
         notes.append(f"{cfg.model.vision} at {cfg.data.image_size} px")
-    if cfg.data.stream:
-        notes.append("streamed (data.stream)")
+    if cfg.data.cache:
+        notes.append("rows cached in memory (data.cache)")
     if cfg.model.arch != "dual_encoder":
         notes.append(f"model.arch={cfg.model.arch}")
     if cfg.data.extra_sources:

@@ -110,8 +110,9 @@ def _check_run_dir(run_dir: str, resume: bool) -> None:
 
 def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
     """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
-    from vlmray.data.ingest import run_ingest
-    from vlmray.data.stream import stream_ingest, stream_summary
+    from vlmray.data.ingest import run_ingest, stream_ingest
+    from vlmray.data.placement import apply_budget
+    from vlmray.data.stream import stream_summary
     from vlmray.train.checkpoint import find_latest
     from vlmray.train.history import read_events, read_history
     from vlmray.train.report import dedup_by_step, write_json, write_summary
@@ -128,20 +129,24 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     train_uri, eval_uri = resolve_data(cfg, run_dir)
     train_uris = resolve_sources(cfg, run_dir)
     init_ray()
+    apply_budget(cfg.data.placement)     # before any plan is built: datasets copy the context
     plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
     cfg = plan.config if plan else cfg
-    if cfg.data.stream:
-        streams = [stream_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)))
-                   for k, uri in enumerate(train_uris)]
-        trains, sizes = [train for train, _ in streams], [0] * len(streams)
-        print("[vlmray] ingest: streaming (counts follow training)", flush=True)
-    else:
-        ingests = [run_ingest(cfg.data, uri, rejects_uri=join(run_dir, _rejects_dir(k)),
-                              retrieval=plan.stages if plan and k == 0 else None)
-                   for k, uri in enumerate(train_uris)]
+    kwargs = [{"rejects_uri": join(run_dir, _rejects_dir(k)),
+               "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
+               "retrieval": plan.stages if plan and k == 0 else None}
+              for k in range(len(train_uris))]
+    if cfg.data.cache:
+        ingests = [run_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
         ingest_summary = _ingest_summary(cfg, [i.summary() for i in ingests])
-        print(f"[vlmray] ingest: {ingest_summary}", flush=True)
+        print(f"[vlmray] ingest (cached in memory): {ingest_summary}", flush=True)
         trains, sizes = [i.train for i in ingests], [i.rows_accepted for i in ingests]
+    else:
+        streams = [stream_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
+        trains = [train for train, _ in streams]
+        single = cfg.data.sampling == "single_source"
+        sizes = _source_rows(train_uris, cfg.data.placement) if single else [0] * len(streams)
+        print("[vlmray] ingest: streaming (counts follow training)", flush=True)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
     datasets, sizes = _train_datasets(cfg, trains, sizes)
@@ -149,7 +154,7 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
                             resume_from=str(latest) if latest else None, launch=launch,
                             eval_refs=plan.eval_refs if plan else "", source_sizes=sizes)
     result = trainer.fit()
-    if cfg.data.stream:
+    if not cfg.data.cache:
         ingest_summary = _ingest_summary(cfg, [stream_summary(tally) for _, tally in streams])
         print(f"[vlmray] ingest (streamed): {ingest_summary}", flush=True)
     rows = dedup_by_step(read_history(run_dir))
@@ -159,6 +164,22 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
     return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
+
+
+def _source_rows(uris: list[str], placement: Any = None) -> list[int]:
+    """Rows per training source for single-source sampling, from a streamed counting pass
+    over each source's input files (raw rows: deterministic, so a resumed run draws the same
+    sources; only one count per block reaches the driver)."""
+    from vlmray.data import schema
+    from vlmray.data.ingest import read_shards
+
+    def count(batch: dict[str, Any]) -> dict[str, Any]:
+        return {"n": [len(batch[schema.ROW_ID])]}
+
+    return [int(sum(int(r["n"]) for r in read_shards(uri, placement)
+                    .select_columns([schema.ROW_ID])
+                    .map_batches(count, batch_size=None, num_cpus=0.25).iter_rows()))
+            for uri in uris]
 
 
 def _rejects_dir(k: int) -> str:

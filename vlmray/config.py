@@ -73,10 +73,11 @@ class DataConfig:
     proportional to its size."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
     """Coin-flip image-text mixup after the views stage (``prob`` 0: off)."""
-    stream: bool = False
-    """Stream training rows straight from the shards every epoch (read, decode, validate),
-    materialising nothing, for data larger than the object store (ALIGN-scale). Rows are
-    still each counted once and rejects written once; the counts cover the rows read."""
+    cache: bool = False
+    """Hold the accepted, decoded training rows in Ray's object store after the first pass,
+    so later epochs read memory instead of the shards. Only for data that fits the object
+    store (a few GB); off in every recipe. Off: every epoch streams read -> [curate] ->
+    decode again, and memory is bounded by settings, not rows."""
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     """Which nodes run the data stages (custom resources for data and for model stages) and the
     stream's memory: object-store budget, CPU budget, block size, read concurrency, prefetch."""
@@ -104,15 +105,6 @@ class DataConfig:
             raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "
                               f"{list(SAMPLING_CHOICES)}")
         check_sources(self)   # single_source needs >= 2 sources; specs; no repeats; retrieval
-        if self.stream:
-            clash = [name for name, on in (
-                ("data.curate (its dedup sees the whole dataset)", self.curate),
-                ("data.retrieval (its index is built over the rows first)",
-                 self.retrieval.enabled or self.retrieval.reference_fraction > 0),
-                ("data.sampling='single_source' (it draws by source sizes)",
-                 self.sampling == "single_source")) if on]
-            if clash:
-                raise ConfigError("data.stream=true cannot be combined with " + ", ".join(clash))
 
 
 @dataclass(kw_only=True)
@@ -224,6 +216,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        data = d.get("data")
+        if isinstance(data, dict) and "stream" in data:   # runs before streaming was the rule
+            d = {**d, "data": {k: v for k, v in data.items() if k != "stream"}}
         return _from_dict(cls, d)
 
 

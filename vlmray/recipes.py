@@ -111,11 +111,11 @@ def align_tiny() -> Config:
     """ALIGN (Jia et al., 2021) on the built-in data: an EfficientNet image tower (timm's tiny
     ``test_efficientnet``, MBConv + squeeze-excite + BatchNorm, widened 1.5x, at 64 px), a
     2-layer BERT pooled at its first token ([CLS]), and the normalised-softmax contrastive loss
-    with label smoothing 0.1. ALIGN trains on noisy alt-text too large to hold, so the rows are
-    streamed from the shards every epoch (``data.stream``), nothing materialised."""
+    with label smoothing 0.1. ALIGN trains on noisy alt-text too large to hold; like every
+    recipe, its rows stream from the shards every epoch, nothing materialised."""
     return Config(
         recipe="align_tiny",
-        data=DataConfig(image_size=64, stream=True),
+        data=DataConfig(image_size=64),
         model=ModelConfig(vision="test_efficientnet", vision_kwargs={"channel_multiplier": 1.5},
                           text_pooling="first"),
         objectives=[ObjectiveSpec(name="clip", params={"label_smoothing": 0.1})],

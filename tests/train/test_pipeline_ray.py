@@ -84,10 +84,9 @@ def test_evaluate_job_scores_a_checkpoint(first_run: vlmray.RunResult) -> None:
 
 
 def test_streamed_run_counts_each_row_once(ray_local, tmp_path) -> None:
-    """``data.stream``: nothing materialised, 16 steps of 32 = 1.3 passes over the 384 accepted
+    """The default: nothing materialised, 16 steps of 32 = 1.3 passes over the 384 accepted
     rows, so every row is read and some twice; each is still counted and written once."""
-    cfg = vlmray.recipe("clip_tiny", **{**SMALL, "train.steps": 16, "data.stream": True,
-                                        "data.shuffle_buffer": 0})
+    cfg = vlmray.recipe("clip_tiny", **{**SMALL, "train.steps": 16, "data.shuffle_buffer": 0})
     result = vlmray.run(cfg, output=str(tmp_path / "streamed"))
     m = result.metrics
     assert m["streamed"] is True and m["steps"] == 16
@@ -97,8 +96,15 @@ def test_streamed_run_counts_each_row_once(ray_local, tmp_path) -> None:
     assert len(keys) == len(set(keys)) == 16
 
 
-def test_stream_refuses_what_needs_the_whole_dataset() -> None:
-    with pytest.raises(vlmray.ConfigError, match="data.curate"):
-        vlmray.recipe("clip_tiny", **{"data.stream": True, "data.curate": True})
-    with pytest.raises(vlmray.ConfigError, match="data.retrieval"):
-        vlmray.recipe("raclip_tiny", **{"data.stream": True})
+def test_cached_run_holds_the_rows_and_counts_them_all_first(ray_local, tmp_path) -> None:
+    """``data.cache``: the explicit in-memory option; the counts are complete before step 1."""
+    cfg = vlmray.recipe("clip_tiny", **{**SMALL, "train.steps": 2, "data.cache": True,
+                                        "eval.every": 0, "train.checkpoint_every": 0})
+    m = vlmray.run(cfg, output=str(tmp_path / "cached")).metrics
+    assert "streamed" not in m and m["steps"] == 2
+    assert (m["rows_in"], m["rows_accepted"], m["rows_rejected"]) == (400, 384, 16)
+
+
+def test_old_stream_setting_is_gone_with_its_replacement_named() -> None:
+    with pytest.raises(vlmray.ConfigError, match="cache"):
+        vlmray.recipe("clip_tiny", **{"data.stream": True})

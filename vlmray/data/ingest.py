@@ -1,30 +1,53 @@
-"""Ingest on Ray Data: read shards (webdataset or parquet, local or s3://) -> [curation stages]
--> decode + validate + tokenise -> train rows.
+"""Ingest on Ray Data: one lazy plan from shards (webdataset or parquet, local or s3://) to
+training rows, streamed: read -> [curation stages] -> [rewrite] -> [retrieval] -> decode +
+validate + tokenise -> split (count, write rejects, keep the accepted rows' training columns).
 
-Every row is accounted for: ``rows_in == rows_accepted + rows_rejected``; rejected rows are
-written to ``rejects/`` (key, text, stage, reason) and counted by reason. With
-``data.curate`` on, the curation job's stages (text, image, [score], dedup) run as a streaming
-prefix of training: the same stages, no curated copy written. With ``data.rewrite`` on, the
-caption rewriting / captioning stages (La-CLIP, ALIP; ``vlmray.rewrite.stage``) follow them in
-the same plan, and their fallbacks are counted by reason in the summary.
+Nothing holds the rows: training (or the writer) consumes the plan as a stream, every epoch,
+and memory is bounded by Ray Data's settings (block size, prefetch, operator concurrency, the
+object-store budget of ``data.placement``), never by the number of rows. ``data.curate``'s
+whole-dataset decisions (dedup, keep-top-fraction) run in two passes over compact columns
+(:mod:`vlmray.data.curation.twopass`); their pass 1 is cached under ``cache_root``.
 
-    ds = build_ingest(cfg.data, "s3://bucket/ds/train")     # lazy Ray Data plan
-    result = run_ingest(cfg.data, "runs/x/data/train", rejects_uri="runs/x/rejects")
-    result.train      # materialised Dataset of PIXELS, TOKENS, TOKEN_MASK, LABEL
+Every row is accounted for: rows in = accepted + rejected, by reason, each input row counted
+once however many epochs read it (:class:`vlmray.data.stream.StreamTally`); rejected rows are
+written to ``rejects/`` once.
+
+    train, tally = stream_ingest(cfg.data, "s3://bucket/ds/train", rejects_uri="runs/x/rejects",
+                                 cache_root="runs/x/curation")       # lazy; training iterates
+    result = run_ingest(cfg.data, uri)   # the in-memory cache (data.cache): small data only
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vlmray.data import schema
-from vlmray.data.curation.accounting import ROWS, check_identity, reason_totals, tally
+from vlmray.data.curation.plan import apply_row_stages, global_stages, row_stages
+from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
+from vlmray.data.curation.stage import Stage
+from vlmray.data.curation.download import DownloadStage
+from vlmray.data.curation.twopass import (
+    decision_stages,
+    fingerprint,
+    global_decisions,
+    inputs_fingerprint,
+    read_staged,
+    stage_once,
+)
 from vlmray.data.decode import DecodeSpec, prepare_rows
-from vlmray.data.storage import arrow_filesystem
+from vlmray.data.placement import PlacementConfig, remote_args
+from vlmray.data.storage import join
+from vlmray.data.stream import (
+    FALLBACK_COLUMNS,
+    SplitStage,
+    StreamTally,
+    count_fallbacks,
+    stream_summary,
+)
 from vlmray.data.tokenize import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
@@ -39,11 +62,6 @@ REGION_COLUMNS = [schema.REGION_BOXES, schema.REGION_SPANS, schema.REGION_MASK]
 EXTRA_TEXT_COLUMNS = {"texts_aug": [schema.TOKENS_AUG, schema.TOKEN_MASK_AUG],
                       "synthetic_caption": [schema.SYNTHETIC_TOKENS, schema.SYNTHETIC_TOKEN_MASK]}
 """``data.extra_texts`` entry -> the token columns the decode stage adds for it."""
-FALLBACK_COLUMNS = {schema.REWRITE_FALLBACKS: "rewrite_fallbacks",
-                    schema.CAPTION_FALLBACK: "caption_fallbacks"}
-"""Fallback column of the rewrite prefix -> its summary key (reason -> count)."""
-
-
 def train_columns(cfg: DataConfig) -> list[str]:
     """The columns training rows carry: TRAIN_COLUMNS plus what ``data.retrieval`` attaches,
     the region columns when ``data.regions > 0``, the token columns of ``data.extra_texts``,
@@ -73,6 +91,10 @@ def decode_spec(cfg: DataConfig) -> DecodeSpec:
 
 
 DECODE_STAGE = "decode"
+DECODE_CPUS, SPLIT_CPUS = 0.5, 0.25
+"""Per task. Data tasks run beside the training workers (0.5 CPU each on a CPU node) and the
+actors of retrieval stages, which hold their CPUs for the whole run: whole-core tasks could
+never be scheduled on a 2-core node then, and the stream would wait forever."""
 _PASS_THROUGH = (schema.ROW_ID, schema.SHA256, schema.PHASH, schema.TEXT_SIG, schema.CLIP_SCORE,
                  schema.DUPLICATE_OF, *REFERENCE_COLUMNS, *FALLBACK_COLUMNS)
 
@@ -126,55 +148,88 @@ def _str_lists(column: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_shards(uri: str) -> ray.data.Dataset:
+def read_shards(uri: str, placement: PlacementConfig | None = None) -> ray.data.Dataset:
     """Raw rows (undecoded bytes, with ``ROW_ID``) from shard files, local or s3://."""
-    from vlmray.data.curation.readers import ReadConfig, read_inputs
-
-    return read_inputs(uri, ReadConfig())
+    return read_inputs(uri, ReadConfig(), placement)
 
 
-def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None) -> ray.data.Dataset:
-    """Lazy plan: read -> [curation stages] -> [rewrite / caption stages] -> [retrieval stages]
-    -> decode/validate/tokenise. Rows carry REJECT_REASON ("" = kept) and REJECT_STAGE.
-    ``retrieval`` is the list of stages :func:`vlmray.retrieval.feed.feed_stages` returns for
+def source_plan(cfg: DataConfig, uri: str, cache_root: str) -> tuple[Any, list[Stage]]:
+    """(a function building the lazy plan of source rows, the stages that follow it) for the
+    rows of ``uri``, running what must run once first:
+
+    - a URL list (img2dataset-style csv/tsv/jsonl/parquet) is downloaded once: pass 1 streams
+      read -> download -> [curation row stages] to parquet under ``<cache_root>/staged`` and
+      every epoch reads that back, never fetching an image twice;
+    - ``data.curate``'s whole-dataset decisions (dedup, keep-top-fraction) run in two passes
+      over compact columns (:func:`vlmray.data.curation.twopass.global_decisions`), cached in
+      ``cache_root`` by a fingerprint of the inputs and settings, so a re-run skips pass 1.
+    """
+    files = list_inputs(uri, ReadConfig())
+    urls = any(fmt == "urls" for _, fmt in files)
+    cur, where = cfg.curation, cfg.placement
+    globals_ = global_stages(cur) if cfg.curate else []
+    rows = (row_stages(cur, download=cur.download if urls else None) if cfg.curate
+            else [DownloadStage(cur.download)] if urls else [])
+    fp = fingerprint(cur if cfg.curate else cur.download, cfg.curate,
+                     inputs_fingerprint(files))
+    if urls:
+        staged = stage_once(lambda: apply_row_stages(read_shards(uri, where), rows, where),
+                            join(cache_root, "staged"), fingerprint=fp)
+        read, rows = (lambda: read_staged(staged)), []
+    else:
+        staged, read = "", (lambda: read_shards(uri, where))
+    if not globals_:
+        return read, rows
+    summary = global_decisions(lambda: apply_row_stages(read(), rows, where), globals_,
+                               cache_root, fingerprint=fp, staged=staged,
+                               remote_args=remote_args(where, 1.0))
+    return read, [*rows, *decision_stages(summary["decisions"], globals_)]
+
+
+def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None,
+                 source: tuple[Any, list[Stage]] | None = None) -> ray.data.Dataset:
+    """Lazy plan: read -> [curation stages and their decisions: ``source``, from
+    :func:`source_plan`] -> [rewrite / caption stages] -> [retrieval stages] ->
+    decode/validate/tokenise. Rows carry REJECT_REASON ("" = kept) and REJECT_STAGE.
+    ``retrieval`` is the list of stages :func:`vlmray.retrieval.feed.prepare` returns for
     ``data.retrieval``; ``data.rewrite`` adds TEXTS_AUG, REWRITE_FALLBACKS, SYNTHETIC_CAPTION and
     CAPTION_FALLBACK to every row (:func:`vlmray.rewrite.stage.rewrite_plan`)."""
-    from vlmray.data.curation.plan import apply_row_stages
-
-    rows = read_shards(uri)
-    if cfg.curate:
-        from vlmray.data.curation.plan import row_stages
-
-        rows = apply_row_stages(rows, row_stages(cfg.curation))
+    where = cfg.placement
+    read, stages = source or ((lambda: read_shards(uri, where)), [])
+    rows = apply_row_stages(read(), stages, where)
     if cfg.rewrite.enabled:
-        from vlmray.rewrite.stage import rewrite_plan
+        from vlmray.rewrite.stage import rewrite_plan   # rewrite sits above data (DESIGN.md)
 
         rows = rewrite_plan(rows, cfg.rewrite)
     if retrieval:
-        rows = apply_row_stages(rows, retrieval)
-    return rows.map_batches(DecodeStage(cfg), batch_format="numpy", batch_size=256)
+        rows = apply_row_stages(rows, retrieval, where)
+    return rows.map_batches(DecodeStage(cfg), batch_format="numpy", batch_size=256,
+                            **remote_args(where, DECODE_CPUS))
 
 
-def _select(batch: dict[str, np.ndarray], *, rejected: bool) -> dict[str, np.ndarray]:
-    keep = (batch[schema.REJECT_REASON] != "") if rejected else (batch[schema.REJECT_REASON] == "")
-    return {k: v[keep] for k, v in batch.items()}
+def stream_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
+                  retrieval: list | None = None,
+                  cache_root: str | None = None) -> tuple[ray.data.Dataset, Any]:
+    """(lazy training dataset of ``train_columns(cfg)``, the tally actor). Only
+    what must run once runs now (:func:`source_plan`: a URL list's download, ``data.curate``'s
+    pass 1, unless cached in ``cache_root``, default ``<rejects_uri>/../curation``); the rows
+    flow when training iterates."""
+    import ray
+
+    source = source_plan(cfg, uri, cache_root or _default_cache(rejects_uri))
+    tally = ray.remote(num_cpus=0)(StreamTally).remote()
+    split = SplitStage(tally, rejects_uri, train_columns(cfg))
+    train = build_ingest(cfg, uri, retrieval=retrieval, source=source).map_batches(
+        split, batch_format="numpy", batch_size=256, **remote_args(cfg.placement, SPLIT_CPUS))
+    return train, tally
 
 
-def count_fallbacks(batch: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
-    """Rewrite-prefix outcomes of a batch: ``{"rewrite_fallbacks": {reason: n},
-    "caption_fallbacks": {reason: n}}`` for the fallback columns it has; ``kept`` counts the
-    rewrites (captions) the LLM's output was used for, every other key a fallback reason."""
-    out: dict[str, dict[str, int]] = {}
-    for column, key in FALLBACK_COLUMNS.items():
-        if column not in batch:
-            continue
-        counts = out.setdefault(key, {})
-        for value in batch[column]:
-            values = [value] if isinstance(value, (str, bytes)) or value is None else value
-            for reason in values:
-                name = str(reason or "") or "kept"
-                counts[name] = counts.get(name, 0) + 1
-    return out
+def _default_cache(rejects_uri: str | None) -> str:
+    if rejects_uri:
+        return join(rejects_uri.rstrip("/").rsplit("/", 1)[0], "curation")
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="vlmray-curation-")
 
 
 def _fallback_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -218,32 +273,22 @@ class IngestResult:
 
 
 def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
-               retrieval: list | None = None) -> IngestResult:
-    """Executes the ingest plan once, writes rejects, and returns the accepted train rows."""
-    full = build_ingest(cfg, uri, retrieval=retrieval).materialize()
-    if cfg.curate:
-        from vlmray.data.curation.plan import apply_global, global_stages
-
-        full = apply_global(full, global_stages(cfg.curation)).materialize()
-    counts = tally(full)                   # the curation job's accounting: one cheap map
-    fallbacks = fallback_totals(full)      # the rewrite prefix's, when it ran
-    rows_in = counts[(ROWS, "", "")]
-    reasons = reason_totals(counts)
-    rejected = sum(reasons.values())
-    if rejects_uri and rejected:
-        fs, path = arrow_filesystem(rejects_uri)
-        (full.select_columns([schema.KEY, schema.TEXT, schema.REJECT_STAGE, schema.REJECT_REASON])
-             .map_batches(functools.partial(_select, rejected=True), batch_format="numpy")
-             .write_parquet(path, filesystem=fs))
-    columns = train_columns(cfg)           # selected first: only these cross the filter
-    train = (full.select_columns([*columns, schema.REJECT_REASON])
-                 .map_batches(functools.partial(_select, rejected=False), batch_format="numpy")
-                 .select_columns(columns).materialize())
-    accepted = train.count()
-    check_identity(rows_in, rows_out=accepted, rows_rejected=rejected, where="ingest")
-    return IngestResult(train, rows_in, accepted, rejected, reasons, fallbacks)
+               retrieval: list | None = None, cache_root: str | None = None) -> IngestResult:
+    """The in-memory cache (``data.cache``): streams the plan once and holds the accepted
+    training rows in Ray's object store, so later epochs read them from memory. Only for data
+    small enough to hold; the counts are complete on return."""
+    train, tally = stream_ingest(cfg, uri, rejects_uri=rejects_uri, retrieval=retrieval,
+                                 cache_root=cache_root)
+    train = train.materialize()
+    s = stream_summary(tally)
+    if train.count() != s["rows_accepted"]:
+        raise RuntimeError(f"ingest: {train.count()} rows held != {s['rows_accepted']} accepted")
+    fallbacks = {k: s[k] for k in FALLBACK_COLUMNS.values() if k in s}
+    return IngestResult(train, s["rows_in"], s["rows_accepted"], s["rows_rejected"],
+                        s["reject_reasons"], fallbacks)
 
 
 __all__ = ["DecodeStage", "EXTRA_TEXT_COLUMNS", "FALLBACK_COLUMNS", "IngestResult",
-           "REGION_COLUMNS", "TRAIN_COLUMNS", "build_ingest", "count_fallbacks", "decode_spec",
-           "fallback_totals", "read_shards", "run_ingest", "tokenizer_for", "train_columns"]
+           "REGION_COLUMNS", "TRAIN_COLUMNS", "build_ingest", "count_fallbacks",
+           "source_plan", "decode_spec", "fallback_totals", "read_shards", "run_ingest",
+           "stream_ingest", "tokenizer_for", "train_columns"]

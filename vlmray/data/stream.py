@@ -1,14 +1,14 @@
-"""Streaming ingest (``data.stream``): training reads straight through the lazy
-read -> decode -> validate plan, every epoch, and nothing is materialised — the way ALIGN-scale
-noisy data (far larger than the object store) must be fed.
+"""Exact accounting for streamed ingest: every input row counted once, however often the
+stream re-reads it. Training reads straight through the lazy read -> [curate] -> [rewrite] ->
+decode plan (:func:`vlmray.data.ingest.stream_ingest`) every epoch, and nothing is materialised.
 
-Accounting stays exact. Every row carries ``ROW_ID`` ((input file index << 32) | row index), and
-one small Ray actor, :class:`StreamTally`, keeps a bitmap of the row ids seen per input file.
-The split stage asks it which rows of each batch are new: only new rows are counted (by reject
-reason) and only new rejected rows are written to ``rejects/``, so a row re-read in a later
-epoch — or in a differently composed batch — is never counted or written twice. Memory is one
-bit per input row in that actor (about 225 MB for 1.8 billion rows), not the data. With
-``data.rewrite`` on, the rewrite prefix's fallbacks of new rows are counted there too.
+Every row carries ``ROW_ID`` ((input file index << 32) | row index), and one small Ray actor,
+:class:`StreamTally`, keeps a bitmap of the row ids seen per input file. The split stage asks it
+which rows of each batch are new: only new rows are counted (by reject reason) and only new
+rejected rows are written to ``rejects/``, so a row re-read in a later epoch — or in a
+differently composed batch — is never counted or written twice. Memory is one bit per input row
+in that actor (about 225 MB for 1.8 billion rows), not the data. With ``data.rewrite`` on, the
+rewrite prefix's fallbacks of new rows are counted there too.
 
     train, tally = stream_ingest(cfg.data, "s3://bucket/shards", rejects_uri="runs/x/rejects")
     ...                                   # training consumes ``train``
@@ -32,13 +32,33 @@ if TYPE_CHECKING:
     from vlmray.config import DataConfig
 
 _ROW_BITS = 32
+FALLBACK_COLUMNS = {schema.REWRITE_FALLBACKS: "rewrite_fallbacks",
+                    schema.CAPTION_FALLBACK: "caption_fallbacks"}
+"""Fallback column of the rewrite prefix -> its summary key (reason -> count)."""
+
+
+def count_fallbacks(batch: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Rewrite-prefix outcomes of a batch: ``{"rewrite_fallbacks": {reason: n},
+    "caption_fallbacks": {reason: n}}`` for the fallback columns it has; ``kept`` counts the
+    rewrites (captions) the LLM's output was used for, every other key a fallback reason."""
+    out: dict[str, dict[str, int]] = {}
+    for column, key in FALLBACK_COLUMNS.items():
+        if column not in batch:
+            continue
+        counts = out.setdefault(key, {})
+        for value in batch[column]:
+            values = [value] if isinstance(value, (str, bytes)) or value is None else value
+            for reason in values:
+                name = str(reason or "") or "kept"
+                counts[name] = counts.get(name, 0) + 1
+    return out
 
 
 class StreamTally:
     """Counts each input row once, however often the stream re-reads it (a Ray actor)."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, np.ndarray] = {}      # input file index -> bool per row index
+        self.seen: dict[int, np.ndarray] = {}      # input file index -> bit per row index
         self.rows_in = 0
         self.reasons: Counter[str] = Counter()
         self.fallbacks: dict[str, Counter[str]] = {}
@@ -47,28 +67,30 @@ class StreamTally:
             fallbacks: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Marks ``row_ids`` seen; returns the bool mask of rows seen for the first time and
         counts those (rejected ones by ``reasons``, "" = accepted; and the rewrite prefix's
-        ``fallbacks`` columns, :func:`vlmray.data.ingest.count_fallbacks`)."""
+        ``fallbacks`` columns, :func:`count_fallbacks`)."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
         files, rows = row_ids >> _ROW_BITS, row_ids & ((1 << _ROW_BITS) - 1)
         new = np.zeros(len(row_ids), dtype=bool)
         for f in np.unique(files):
             sel = np.flatnonzero(files == f)
-            bits = self._bits(int(f), int(rows[sel].max()) + 1)
-            new[sel] = ~bits[rows[sel]]
-            bits[rows[sel]] = True
+            r = rows[sel]
+            bits = self._bits(int(f), int(r.max()) + 1)
+            byte, mask = r >> 3, (1 << (r & 7)).astype(np.uint8)
+            new[sel] = (bits[byte] & mask) == 0
+            np.bitwise_or.at(bits, byte, mask)
         self.rows_in += int(new.sum())
         self.reasons.update(str(r) for r in np.asarray(reasons, dtype=object)[new] if r)
         if fallbacks:
-            from vlmray.data.ingest import count_fallbacks
-
             for key, counts in count_fallbacks({c: v[new] for c, v in fallbacks.items()}).items():
                 self.fallbacks.setdefault(key, Counter()).update(counts)
         return new
 
-    def _bits(self, f: int, size: int) -> np.ndarray:
+    def _bits(self, f: int, rows: int) -> np.ndarray:
+        """File ``f``'s bitmap (one bit per row index), grown to hold ``rows`` rows."""
+        size = (rows + 7) // 8
         bits = self.seen.get(f)
         if bits is None or len(bits) < size:
-            grown = np.zeros(max(size, 2 * len(bits) if bits is not None else size), dtype=bool)
+            grown = np.zeros(max(size, 2 * len(bits) if bits is not None else size), np.uint8)
             if bits is not None:
                 grown[: len(bits)] = bits
             self.seen[f] = bits = grown
@@ -91,8 +113,6 @@ class SplitStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
-
-        from vlmray.data.ingest import FALLBACK_COLUMNS
 
         reasons = batch[schema.REJECT_REASON]
         fallbacks = {c: batch[c] for c in FALLBACK_COLUMNS if c in batch}
@@ -118,20 +138,6 @@ class SplitStage:
         pq.write_table(table, path, filesystem=fs)
 
 
-def stream_ingest(cfg: DataConfig, uri: str, *,
-                  rejects_uri: str | None = None) -> tuple[ray.data.Dataset, Any]:
-    """(lazy training dataset of ``train_columns(cfg)``, the tally actor). Nothing runs until
-    training iterates the dataset."""
-    import ray
-
-    from vlmray.data.ingest import build_ingest, train_columns
-
-    tally = ray.remote(num_cpus=0)(StreamTally).remote()
-    split = SplitStage(tally, rejects_uri, train_columns(cfg))
-    train = build_ingest(cfg, uri).map_batches(split, batch_format="numpy", batch_size=256)
-    return train, tally
-
-
 def stream_summary(tally: Any) -> dict[str, Any]:
     """The tally's counts of the rows read so far, checked: in == accepted + rejected."""
     import ray
@@ -142,4 +148,4 @@ def stream_summary(tally: Any) -> dict[str, Any]:
     return {**totals, "streamed": True}
 
 
-__all__ = ["SplitStage", "StreamTally", "stream_ingest", "stream_summary"]
+__all__ = ["FALLBACK_COLUMNS", "SplitStage", "StreamTally", "count_fallbacks", "stream_summary"]

@@ -58,7 +58,8 @@ def _batches(shard: Any, cfg: Config, local_bs: int, pos: Progress | SourcePosit
     index) gives each source its own shuffle order."""
     while True:
         it = shard.iter_torch_batches(
-            batch_size=local_bs, drop_last=True, prefetch_batches=2,
+            batch_size=local_bs, drop_last=True,
+            prefetch_batches=cfg.data.placement.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed * 100_003 + pos.epoch + salt * 7_919)
         seen = 0

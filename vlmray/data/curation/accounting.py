@@ -1,27 +1,23 @@
 """Every row accounted for: per-stage counts (in, kept, dropped by reason, repaired by kind).
 
 Rows carry ``reject_stage``/``reject_reason``/``repairs`` through the whole plan, so the counts
-come from one cheap pass over the final rows, with no shared counters:
+come from the final rows as they stream past, batch by batch, with no shared counters:
 
-    counts = tally(final_ds)                       # Ray Data map + small take_all
+    counts += count_batch(batch)                   # per batch, in the stream (small rows)
     stats = stage_stats(["text", "image", "dedup"], counts, repair_stage)
     check_identity(rows_in, rows_out=..., rows_rejected=...)   # raises AccountingError
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, num_rows
-
-if TYPE_CHECKING:
-    import ray.data
 
 ROWS, REJECT, REPAIR = "rows", "reject", "repair"
 
@@ -47,22 +43,6 @@ def count_batch(batch: Batch) -> Batch:
             "stage": np.array([k[1] for k in keys], dtype=object),
             "name": np.array([k[2] for k in keys], dtype=object),
             "n": np.array([counts[k] for k in keys], dtype=np.int64)}
-
-
-def merge_counts(rows: Sequence[Mapping[str, Any]]) -> Counter[tuple[str, str, str]]:
-    total: Counter[tuple[str, str, str]] = Counter()
-    for row in rows:
-        total[(str(row["kind"]), str(row["stage"]), str(row["name"]))] += int(row["n"])
-    return total
-
-
-def tally(ds: ray.data.Dataset) -> Counter[tuple[str, str, str]]:
-    """Counts over a whole dataset (a map per block; only the small counts reach the driver)."""
-    cols = [c for c in (schema.REJECT_REASON, schema.REJECT_STAGE, schema.REPAIRS)
-            if c in ds.columns()]
-    small = ds.select_columns(cols).map_batches(count_batch, batch_format="numpy",
-                                                batch_size=4096)
-    return merge_counts(small.take_all())
 
 
 def stage_stats(stages: Sequence[str], counts: Mapping[tuple[str, str, str], int],
@@ -104,36 +84,4 @@ def check_identity(rows_in: int, *, rows_out: int, rows_rejected: int, where: st
             f"{rows_out} out + {rows_rejected} rejected ({rows_in - rows_out - rows_rejected:+d})")
 
 
-def _noise_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per batch: rows and rejected rows per noise kind recorded in the sidecar."""
-    counts: dict[str, list[int]] = {}
-    for meta, reason in zip(batch[schema.META], batch[schema.REJECT_REASON]):
-        try:
-            doc = json.loads(meta or "{}")
-        except (TypeError, ValueError):
-            continue
-        if isinstance(doc, dict) and "noise" in doc:
-            entry = counts.setdefault(doc["noise"] or "clean", [0, 0])
-            entry[0] += 1
-            entry[1] += int(reason != "")
-    kinds = sorted(counts)
-    return {"noise": np.asarray(kinds, dtype=object),
-            "rows": np.asarray([counts[k][0] for k in kinds], dtype=np.int64),
-            "rejected": np.asarray([counts[k][1] for k in kinds], dtype=np.int64)}
-
-
-def noise_report(final: ray.data.Dataset) -> dict[str, dict[str, int]]:
-    """Rows and rejected rows per injected noise kind, for inputs whose sidecars record one
-    (the built-in data's ground truth); empty otherwise."""
-    report: dict[str, dict[str, int]] = {}
-    small = final.select_columns([schema.META, schema.REJECT_REASON]).map_batches(
-        _noise_counts, batch_format="numpy", batch_size=4096)
-    for row in small.take_all():
-        entry = report.setdefault(str(row["noise"]), {"rows": 0, "rejected": 0})
-        entry["rows"] += int(row["rows"])
-        entry["rejected"] += int(row["rejected"])
-    return dict(sorted(report.items()))
-
-
-__all__ = ["AccountingError", "check_identity", "count_batch", "merge_counts", "noise_report",
-           "reason_totals", "stage_stats", "tally"]
+__all__ = ["AccountingError", "check_identity", "count_batch", "reason_totals", "stage_stats"]

@@ -32,6 +32,8 @@ class CurationConfig:
     """Image-text agreement filter (off unless a model is given)."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Duplicate keys, exact and near-duplicate images, repeated captions."""
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    """Downloader for URL-list inputs (img2dataset-style url/caption tables)."""
 
 
 @dataclass(kw_only=True)
@@ -69,7 +71,7 @@ class CurateJobConfig:
 
     def curation(self) -> CurationConfig:
         return CurationConfig(text=self.text, image=self.image, score=self.score,
-                              dedup=self.dedup)
+                              dedup=self.dedup, download=self.download)
 
 
 __all__ = ["CurateJobConfig", "CurationConfig"]

@@ -48,6 +48,10 @@ class DownloadConfig:
 
     timeout_s: float = 10.0
     """Seconds to wait to connect and for each read of the response."""
+    deadline_s: float = 60.0
+    """Most seconds one attempt may take, checked as the body arrives: a server that trickles
+    bytes just faster than ``timeout_s`` is cut off here (``download_timeout``) instead of
+    holding a download thread, and the batch waiting on it, for as long as it likes."""
     retries: int = 2
     """Extra attempts after a timeout, connection error or HTTP 5xx/429 (never other 4xx)."""
     backoff_s: float = 0.5
@@ -65,7 +69,8 @@ class DownloadConfig:
     ``none`` for all bots or for ours."""
 
     def __post_init__(self) -> None:
-        positive = {"timeout_s": self.timeout_s, "threads": self.threads,
+        positive = {"timeout_s": self.timeout_s, "deadline_s": self.deadline_s,
+                    "threads": self.threads,
                     "per_host": self.per_host, "max_bytes": self.max_bytes}
         for name, value in positive.items():
             if not value > 0:
@@ -140,7 +145,7 @@ class DownloadStage(Stage):
 
     name: ClassVar[str] = "download"
     reasons: ClassVar[tuple[str, ...]] = REASONS
-    resources = Resources(num_cpus=1.0, batch_size=64)
+    resources = Resources(num_cpus=0.5, batch_size=64)   # waits on sockets, not a core
 
     def __init__(self, cfg: DownloadConfig | None = None) -> None:
         self.cfg = cfg or DownloadConfig()
@@ -204,9 +209,10 @@ class DownloadStage(Stage):
 
     def _attempt(self, url: str) -> _Result:
         request = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
+        deadline = time.monotonic() + self.cfg.deadline_s
         try:
             with self._opener.open(request, timeout=self.cfg.timeout_s) as response:
-                return self._read(response)
+                return self._read(response, deadline)
         except urllib.error.HTTPError as e:
             e.close()
             return _Result(reason=DOWNLOAD_HTTP_ERROR, retry=e.code >= 500 or e.code == 429)
@@ -217,7 +223,7 @@ class DownloadStage(Stage):
         except (ValueError, OverflowError):      # a malformed URL, a port out of range
             return _Result(reason=DOWNLOAD_ERROR)
 
-    def _read(self, response: Any) -> _Result:
+    def _read(self, response: Any, deadline: float) -> _Result:
         headers, cfg = response.headers, self.cfg
         if cfg.respect_robots_headers and robots_disallowed(
                 headers.get_all("X-Robots-Tag") or [], cfg.bot_token):
@@ -226,12 +232,30 @@ class DownloadStage(Stage):
         length = int(declared) if declared.isdigit() else None
         if length is not None and length > cfg.max_bytes:
             return _Result(reason=DOWNLOAD_TOO_LARGE)
-        body = response.read(cfg.max_bytes + 1)
+        body = _read_body(response, cfg.max_bytes + 1, deadline)
+        if body is None:
+            return _Result(reason=DOWNLOAD_TIMEOUT, retry=True)
         if len(body) > cfg.max_bytes:
             return _Result(reason=DOWNLOAD_TOO_LARGE)
         if length is not None and len(body) < length:     # the server hung up mid-body
             return _Result(reason=DOWNLOAD_ERROR, retry=True)
         return _Result(body=body)
+
+
+def _read_body(response: Any, limit: int, deadline: float) -> bytes | None:
+    """Up to ``limit`` bytes of the body, or None when ``deadline`` (``time.monotonic``)
+    passes first. ``read1`` returns after one socket read, so the deadline is checked
+    however slowly the bytes come (``read(n)`` would wait for all ``n``)."""
+    parts, size = [], 0
+    while size < limit:
+        chunk = response.read1(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        if time.monotonic() > deadline:
+            return None
+    return b"".join(parts)
 
 
 def _host(url: str) -> str | None:

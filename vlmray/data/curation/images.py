@@ -293,7 +293,7 @@ class ImageStage(Stage):
     repair_kinds: ClassVar[tuple[str, ...]] = REPAIRS
     fills: ClassVar[dict[str, Any]] = {schema.WIDTH: 0, schema.HEIGHT: 0, schema.SHA256: "",
                                        schema.PHASH: 0}
-    resources = Resources(num_cpus=1, batch_size=32)
+    resources = Resources(num_cpus=0.5, batch_size=32)
 
     def __init__(self, cfg: ImageConfig | None = None) -> None:
         self.cfg = cfg or ImageConfig()

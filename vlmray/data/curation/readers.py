@@ -66,7 +66,8 @@ _SUFFIX_COLUMN = {**dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "bmp", "
                                   schema.IMAGE), "txt": schema.TEXT, "json": schema.META}
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 _GLOB_CHARS = "*?["
-READ_CPUS = 1.0   # Ray Data's read default: equal remote args let the text stage fuse with it
+READ_CPUS = 0.5   # equal remote args let the text stage fuse with it; half a core each leaves
+                  # room beside training workers and retrieval actors on a small node
 _VALID = ("valid formats: webdataset (.tar, .tar.gz, .tgz), parquet (.parquet), urls (.csv, "
           ".tsv, .jsonl, .txt, or a .parquet with a URL column and no image column)")
 

@@ -258,7 +258,7 @@ class TextStage(Stage):
     repair_kinds: ClassVar[tuple[str, ...]] = REPAIRS
     fills: ClassVar[dict[str, Any]] = {schema.TEXT_SIG: ""}
     str_columns: ClassVar[tuple[str, ...]] = (schema.TEXT,)
-    resources = Resources(num_cpus=1, batch_size=None)   # whole blocks: lets Ray Data fuse
+    resources = Resources(num_cpus=0.5, batch_size=None)   # whole blocks, the read's CPUs: fuses
     # the reader, this stage and the image stage into one task per input file
 
     def __init__(self, cfg: TextConfig | None = None) -> None:
