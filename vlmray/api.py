@@ -160,6 +160,8 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     rows = dedup_by_step(read_history(run_dir))
     summary = _summarise(rows, ingest_summary, time.perf_counter() - t0)
     summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
+    if sizes:
+        summary["source_sizes"] = sizes          # what single-source sampling drew by
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)

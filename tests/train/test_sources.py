@@ -239,7 +239,8 @@ def zerovl_run(ray_local, tmp_path_factory) -> vlmray.RunResult:
 
 def test_run_draws_from_both_sources_as_chosen(zerovl_run: vlmray.RunResult) -> None:
     m = zerovl_run.metrics
-    sizes = [s["rows_accepted"] for s in m["sources"]]
+    sizes = m["source_sizes"]
+    assert sizes == [320, 160]              # the streamed counting pass: raw rows per source
     want = [choose_source(0, s, sizes) for s in range(STEPS)]
     assert set(want) == {0, 1}, f"seed 0 should draw both sources in {STEPS} steps: {want}"
     rows = read_history(zerovl_run.run_dir)

@@ -124,6 +124,10 @@ def read_compact(uri: str, columns: Sequence[str]) -> Batch:
 
     fs, path = arrow_filesystem(uri)
     data = pads.dataset(path, filesystem=fs, format="parquet")
+    # a block whose values were all None wrote a null-typed column: unify over every footer
+    unified = pa.unify_schemas([f.physical_schema for f in data.get_fragments()],
+                               promote_options="permissive")
+    data = pads.dataset(path, filesystem=fs, format="parquet", schema=unified)
     live = None
     if schema.REJECT_REASON in data.schema.names:
         live = pads.field(schema.REJECT_REASON) == ""
