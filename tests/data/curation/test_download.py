@@ -88,6 +88,19 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(1.0)
         self.send(200, PNG)
 
+    def trickle(self, hit: int, q: dict[str, str]) -> None:
+        """A byte every 50 ms: each read is well within the timeout, the body never ends."""
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(60):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
     def concurrent(self, hit: int, q: dict[str, str]) -> None:
         srv = self.server
         with srv.lock:
@@ -110,6 +123,7 @@ ROUTES: dict[str, Callable[[_Handler, int, dict[str, str]], None]] = {
     "/big": lambda h, n, q: h.send(200, BIG),
     "/big-unsized": lambda h, n, q: h.send(200, BIG, length=False),
     "/concurrent": _Handler.concurrent,
+    "/trickle": _Handler.trickle,
 }
 
 
@@ -194,6 +208,14 @@ def test_slow_response_times_out(server) -> None:
     out = _run([url], timeout_s=0.3, retries=1)
     assert out[schema.REJECT_REASON][0] == DOWNLOAD_TIMEOUT
     assert out[schema.IMAGE][0] == b"" and _hits(server, url) == 2
+
+
+def test_trickling_body_is_cut_at_the_deadline(server) -> None:
+    url = _url(server, "/trickle")
+    t0 = time.perf_counter()
+    out = _run([url], timeout_s=0.3, deadline_s=0.5, retries=0)
+    assert out[schema.REJECT_REASON][0] == DOWNLOAD_TIMEOUT
+    assert time.perf_counter() - t0 < 2.0                    # not the 3 s the server drips
 
 
 @pytest.mark.parametrize("tag, allowed", [
