@@ -1,15 +1,21 @@
 """Placement on two Ray nodes: the data stages run where ``data.placement.resources`` is offered,
 training where ``train.worker_resources`` is.
 
-A module fixture starts a head offering ``{"trainer_slot": 1}`` and no ``data`` resource, and a
-second node offering ``{"data": 1}`` (tests/plugins/ray_head.py, each ``ray start --block`` on
-127.0.0.1 in its own session; only those two nodes are stopped). A train-like actor asking for
-the trainer slot consumes a streamed plan (vlmray's read + curation stages, built with
-``PlacementConfig(resources={"data": 0.001})``): the plan's executor runs in that actor on the
-head, yet Ray's own task records (the state API) show every read and stage task on the data
-node. Without the fixture, unit tests check that bad settings fail naming the fix.
+A module fixture starts a head offering ``{"trainer_slot": 1}``, 2 CPUs (room for data tasks
+that are not pinned) and no ``data`` resource, and a second node offering ``{"data": 1}``
+(tests/plugins/ray_head.py, each ``ray start --block`` on 127.0.0.1 in its own session; only
+those two nodes are stopped). Then, from Ray's own task records (the state API):
 
-    python -m pytest tests/train/test_placement.py -q        # ~1 min on 2 CPU cores
+- a train-like actor asking for the trainer slot consumes a streamed plan (vlmray's read +
+  curation stages with ``PlacementConfig(resources={"data": 0.001})``): the plan's executor
+  runs in that actor on the head, every read and stage task on the data node;
+- a short ``vlmray.run`` with ``data.placement.resources`` and ``train.worker_resources``: the
+  Ray Train worker on the head, every Ray Data task of the run on the data node.
+
+Without the fixture, unit tests check the settings (bad ones fail naming the fix) and the
+budget :func:`~vlmray.data.placement.apply_budget` sets.
+
+    python -m pytest tests/train/test_placement.py -q        # ~4 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import ray
 
 import vlmray
 from tests.plugins.ray_head import start_head, start_worker_node, stop_nodes
-from tests.train.test_multinode import _connect, _wait_for_nodes
+from tests.train.test_multinode import TINY, _connect, _wait_for_nodes
 from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.data.curation.config import CurationConfig
@@ -44,6 +50,11 @@ NODE = "node_id"
 PLACEMENT = PlacementConfig(resources={"data": 0.001}, cpu_budget=1, object_store_bytes=64 << 20,
                             target_block_bytes=8 << 20)
 TRAINER = {"trainer_slot": 1}
+RUN = {**TINY, "train.num_workers": 1, "train.steps": 4, "train.log_every": 2,
+       "train.checkpoint_every": 0, "eval.every": 0, "eval.max_samples": 16,
+       "data.synthetic.num_train": 128, "data.synthetic.num_eval": 16,
+       "data.synthetic.shard_size": 64, "data.placement.resources": {"data": 0.001},
+       "train.torch_threads": 1}
 DATA_TASK = ("Read", "MapBatches")   # Ray Data names its tasks after the (fused) operators
 
 
@@ -100,7 +111,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:
     ray.shutdown()  # this module's connection only
-    head = start_head(num_cpus=1, resources=TRAINER, dashboard=True, object_store_mb=150,
+    head = start_head(num_cpus=2, resources=TRAINER, dashboard=True, object_store_mb=150,
                       repo_on_path=True)
     nodes = []
     try:
@@ -177,3 +188,23 @@ def test_curation_stream_runs_on_the_data_node(two_nodes: Cluster, tmp_path: Pat
     assert not where, f"data tasks off the data node: {where}"
     assert all(t.required_resources.get("data") == pytest.approx(0.001) for t in tasks), \
         {t.name: t.required_resources for t in tasks}
+
+
+def test_run_trains_on_the_head_and_reads_on_the_data_node(two_nodes: Cluster,
+                                                           tmp_path: Path) -> None:
+    """A short ``vlmray.run``: the Ray Train worker asks for the head's trainer slot
+    (``train.worker_resources``), every Ray Data task of the run for ``data``."""
+    from ray.util.state import list_actors
+
+    result = vlmray.run(vlmray.recipe("clip_tiny", **RUN), output=str(tmp_path / "run"))
+    assert result.metrics["steps"] == 4
+
+    job_id = ray.get_runtime_context().get_job_id()
+    workers = list_actors(two_nodes.dashboard, filters=[("class_name", "=", "RayTrainWorker")],
+                          detail=True, limit=100, raise_on_missing_output=False)
+    assert [w.node_id for w in workers if w.job_id == job_id] == [two_nodes.head]
+    tasks = _data_tasks(two_nodes)
+    print(f"\nRay Data tasks of the job: {sorted({t.name for t in tasks})}")
+    assert any("DecodeStage" in t.name for t in tasks), sorted({t.name for t in tasks})
+    where = {(t.name, t.node_id) for t in tasks if t.node_id != two_nodes.data}
+    assert not where, f"data tasks of the run off the data node: {where}"
