@@ -13,6 +13,9 @@ threshold of an earlier *kept* row (a ~ b ~ c with c far from a: b goes, c stays
 Near-duplicate captions (optional) use MinHash over word shingles with banded LSH, and every
 candidate pair is verified by exact Jaccard.
 
+At scale the global step reaches the same decisions in partitions, one bounded task each
+(``DedupConfig.partitions``; :mod:`vlmray.data.curation.dedup_partitioned`).
+
     decisions = Dedup(DedupConfig(phash_threshold=4)).decide(table)   # table: live rows
 """
 
@@ -21,9 +24,9 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -68,15 +71,22 @@ class DedupConfig:
     the Jaccard similarity of their word shingles is at least this (MinHash + LSH)."""
     caption_shingle: int = 2
     """Words per shingle for ``caption_jaccard`` (a caption shorter than this is one shingle)."""
+    partitions: int = 0
+    """How many partitions the decision runs in when it runs through the two-pass global step
+    (:mod:`vlmray.data.curation.dedup_partitioned`): 0 = one per ~5M live rows, so a table
+    smaller than that stays in one task; 1 = one task over the whole compact table; N > 1 =
+    N partitions (each rule hashes a value to one of N, one bounded Ray task each). The
+    decisions are the same whatever the number; only memory per task and parallelism change."""
 
     def __post_init__(self) -> None:
         checks = {"phash_threshold": 0 <= self.phash_threshold <= MAX_PHASH_THRESHOLD,
                   "max_caption_repeats": self.max_caption_repeats >= 0,
                   "caption_jaccard": 0.0 <= self.caption_jaccard <= 1.0,
-                  "caption_shingle": self.caption_shingle >= 1}
+                  "caption_shingle": self.caption_shingle >= 1,
+                  "partitions": self.partitions >= 0}
         bounds = {"phash_threshold": f"in [0, {MAX_PHASH_THRESHOLD}]",
                   "max_caption_repeats": ">= 0", "caption_jaccard": "in [0, 1]",
-                  "caption_shingle": ">= 1"}
+                  "caption_shingle": ">= 1", "partitions": ">= 0 (0 = auto)"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DedupConfig.{name} must be {bounds[name]}, "
@@ -124,6 +134,16 @@ class Dedup(GlobalStage):
         rejected = np.flatnonzero(reason != "")
         return Decisions(row_ids=rows[schema.ROW_ID][rejected], reasons=reason[rejected],
                          duplicate_of=rows[schema.KEY][parent[rejected]].astype(object))
+
+    def decide_uri(self, compact_uri: str, out: str, *,
+                   remote_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """:meth:`decide` over the compact parquet under ``compact_uri``, as many bounded Ray
+        tasks (``cfg.partitions``), writing the decisions under ``<out>/dedup``; None when the
+        table is small enough for one task (then the caller runs :meth:`decide`). See
+        :func:`vlmray.data.curation.dedup_partitioned.decide_uri`."""
+        from vlmray.data.curation.dedup_partitioned import decide_uri
+
+        return decide_uri(self, compact_uri, out, remote_args=remote_args)
 
     def _rules(self) -> Iterator[tuple[Callable[[Batch], np.ndarray], str]]:
         """(rule, reason) in order; a rule maps a table to per-row ``parent`` (-1 = kept)."""
@@ -218,6 +238,12 @@ def _key_cost(n: int, threshold: int, blocks: int) -> float:
     return keys * (100.0 * n + 25.0 * n * n / 2.0 ** (bits + 1))
 
 
+def band_blocks(n: int, threshold: int) -> list[int]:
+    """The B blocks (64-bit masks) :func:`band_masks` combines, B chosen by cost for n rows."""
+    choices = [b for b in range(threshold + 1, 65) if math.comb(b, threshold) <= 4096]
+    return _block_masks(min(choices, key=lambda b: _key_cost(n, threshold, b)))
+
+
 def band_masks(n: int, threshold: int) -> list[int]:
     """Masks of the bit sets compared exactly; any pair within ``threshold`` bits agrees on one.
 
@@ -226,21 +252,21 @@ def band_masks(n: int, threshold: int) -> list[int]:
     each such subset of blocks is one key. B = threshold + 1 is the classic split into bands;
     a larger B makes more but longer keys (fewer candidates); B is chosen by cost for n rows.
     """
-    choices = [b for b in range(threshold + 1, 65) if math.comb(b, threshold) <= 4096]
-    blocks = min(choices, key=lambda b: _key_cost(n, threshold, b))
-    masks = _block_masks(blocks)
-    return [sum(m) for m in itertools.combinations(masks, blocks - threshold)]
+    blocks = band_blocks(n, threshold)
+    return [sum(m) for m in itertools.combinations(blocks, len(blocks) - threshold)]
 
 
-def close_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+def close_pairs(hashes: np.ndarray, threshold: int,
+                masks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All pairs (i, j), i < j, of int64 hashes within ``threshold`` bits, sorted by (j, i).
 
     Exact, not approximate: see :func:`band_masks`; only pairs sharing a key are compared.
+    ``masks`` (default: :func:`band_masks`) narrows the search to pairs sharing one of them.
     """
     h = np.ascontiguousarray(hashes, dtype=np.int64)
     u = h.view(np.uint64)
     found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for mask in band_masks(len(h), threshold):
+    for mask in (band_masks(len(h), threshold) if masks is None else masks):
         for i, j in _bucket_pairs(u & np.uint64(mask)):
             near = _distance(h[i], h[j]) <= threshold
             found_i.append(i[near])
@@ -396,5 +422,6 @@ def similar_captions(texts: np.ndarray, jaccard: float, shingle: int) -> dict[in
 
 
 __all__ = ["DUPLICATE_IMAGE", "DUPLICATE_KEY", "NEAR_DUPLICATE_IMAGE", "REASONS",
-           "REPEATED_CAPTION", "Dedup", "DedupConfig", "close_pairs", "first_of_group", "minhash",
-           "near_duplicates", "repeated_captions", "shingles", "similar_captions"]
+           "REPEATED_CAPTION", "Dedup", "DedupConfig", "band_blocks", "band_masks", "close_pairs",
+           "first_of_group", "minhash", "near_duplicates", "repeated_captions", "shingles",
+           "similar_captions"]

@@ -200,8 +200,15 @@ def write_decisions(root: str, name: str, decisions: Decisions) -> dict[str, int
     return decisions.counts()
 
 
-def _decide_task(sig_uri: str, stages: Sequence[GlobalStage], out: str) -> dict[str, Any]:
-    """Reads the compact table, decides, writes the decisions (runs as one Ray task)."""
+def _decide_task(sig_uri: str, stages: Sequence[GlobalStage], out: str,
+                 remote_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Reads the compact table, decides, writes the decisions (runs as one Ray task); a first
+    stage deciding from storage in many tasks (partitioned dedup) goes its own way first:
+    :func:`vlmray.data.curation.dedup_partitioned.decide_stored`."""
+    from vlmray.data.curation.dedup_partitioned import decide_stored
+
+    if (summary := decide_stored(sig_uri, stages, out, remote_args)) is not None:
+        return summary
     table = read_compact(sig_uri, compact_columns(stages))
     counts = {name: write_decisions(out, name, d) for name, d in decide_all(table, stages)}
     return {"live_rows": int(len(table[schema.ROW_ID])), "rejected": counts}
@@ -239,7 +246,7 @@ def global_decisions(rows: Callable[[], ray.data.Dataset] | None,
         assert rows is not None, "global_decisions needs rows or staged"
         signature_pass(rows(), stages, sig_uri, remote_args=remote_args)
     task = ray.remote(_decide_task).options(**{"num_cpus": 1, **(remote_args or {})})
-    summary = ray.get(task.remote(sig_uri, list(stages), dec_uri))
+    summary = ray.get(task.remote(sig_uri, list(stages), dec_uri, remote_args))
     summary.update(fingerprint=fingerprint, decisions=dec_uri, signatures=sig_uri)
     with open_write(done) as fh:
         json.dump(summary, fh, indent=2, sort_keys=True)

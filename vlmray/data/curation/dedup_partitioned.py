@@ -1,0 +1,621 @@
+"""Dedup's decisions as many bounded-memory tasks over the compact table (SCALE.md, issue 16).
+
+:meth:`Dedup.decide` holds the whole compact table in one task: at a billion rows that is
+~56 GB. This module reaches the *same* decisions (the same rejected rows, reasons and
+``duplicate_of``) in P partitions, each one Ray task, so no task holds more than one partition
+and the driver holds only file names and counts.
+
+Storage is a shuffle through parquet under a scratch directory: a task writes one *scatter
+file* whose rows are grouped by destination partition (column ``_part``, one row group per
+partition, statistics on ``_part`` only), and the task of partition q opens every file of the
+step and reads only q's row groups (:func:`scatter`, :func:`gather`).
+
+    split    groups of compact files (~n/P rows) -> live rows, scattered by the first rule's value
+    keys, exact, captions (by signature): one task per partition. Every row of one value is in
+             one partition (a stable hash of the value; rows without one spread by ROW_ID), so
+             "first row by ROW_ID keeps" is decided there exactly as over the whole table. The
+             task writes its rejections and scatters only the survivors, with only the columns
+             later rules read, by the next rule's value: a row an earlier rule rejected is
+             never seen by a later one.
+    near     values  per phash partition: the distinct hashes with their first row (ROW_ID, KEY)
+                     -> band records, scattered by band key
+             bands   per band partition: close_pairs among hashes sharing a band key (multi-index
+                     hashing, exact by pigeonhole: :func:`~vlmray.data.curation.dedup.band_masks`)
+             resolve ONE task over the pair graph only (proportional to near-duplicate pairs,
+                     not rows): :func:`~vlmray.data.curation.dedup._earliest_kept` in the order of
+                     the hashes' first rows; each dropped hash -> its earliest kept neighbour
+             apply   per phash partition: a row of a dropped hash names that neighbour's first
+                     row; another row of a kept hash names the hash's own first row (rows
+                     sharing one hash are resolved together, as in ``near_duplicates``)
+    regroup  per group of input files (index mod P): the rejections -> ``file-<index>.parquet``
+
+A distinct hash goes to the band step once per *route*, not once per band key: a route is the
+leading blocks of a key (enough bits to spread hashes over P partitions), and a band task
+searches every key of its route, so the shuffle is (routes x distinct hashes) records. A key
+shorter than that (a large ``phash_threshold``) spreads over fewer partitions; such keys make
+~n^2 / 2^bits candidates, which one task could not search either.
+
+Not partitioned: caption Jaccard (``caption_jaccard > 0``) runs in ONE task over the
+survivors' ``(ROW_ID, KEY, TEXT_SIG, TEXT)``: its LSH candidates would split by band, but the
+row-by-row recount of :func:`~vlmray.data.curation.dedup.repeated_captions` (a row's fate
+depends on the kept rows of every similar caption, transitively) does not. Nor is a stage after
+dedup in the global step (keep-top-fraction's exact quantile): :func:`decide_stored` runs it in
+one task over ``ROW_ID`` and its own columns (16 B/row for the score), less dedup's rejections.
+
+    summary = decide_uri(Dedup(DedupConfig(partitions=64)), compact_uri, decisions_root)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlmray.data import schema
+from vlmray.data.curation.dedup import (
+    DUPLICATE_IMAGE,
+    DUPLICATE_KEY,
+    NEAR_DUPLICATE_IMAGE,
+    REPEATED_CAPTION,
+    DedupConfig,
+    _by_first_occurrence,
+    _earliest_kept,
+    band_blocks,
+    close_pairs,
+    first_of_group,
+    repeated_captions,
+)
+from vlmray.data.curation.stage import Batch, Decisions, GlobalStage
+from vlmray.data.curation.twopass import FILES_INDEX, FileDecisions, file_index, write_decisions
+from vlmray.data.storage import arrow_filesystem, filesystem, join, open_write, remove, to_uri
+
+if TYPE_CHECKING:
+    from vlmray.data.curation.dedup import Dedup
+
+ROWS_PER_PARTITION = 5_000_000
+"""``DedupConfig.partitions = 0``: one partition per this many compact rows (a few hundred MB)."""
+ROUTE_SPREAD_BITS = 10
+"""A route has at least log2(P) + this many bits, so its values spread evenly over P."""
+
+PART = "_part"
+VALUE, SRC, DST, SRC_KEY, DST_VALUE, UP_ROW, UP_KEY = (
+    "value", "src_row", "dst_row", "src_key", "dst_value", "up_row", "up_key")
+_INTS = {schema.ROW_ID, schema.PHASH, VALUE, SRC, DST, DST_VALUE, UP_ROW}
+
+Runner = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], list[Any]]
+"""Runs ``fn(*args)`` for each args tuple, returns the results in order (locally or as tasks)."""
+
+
+def run_local(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """A :data:`Runner` in this process (tests, and the shape of what the Ray runner does)."""
+    return [fn(*args) for args in calls]
+
+
+def ray_runner(remote_args: dict[str, Any] | None = None) -> Runner:
+    """A :data:`Runner` of Ray tasks placed by ``remote_args`` (one CPU each by default)."""
+    def run(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        import ray
+
+        task = ray.remote(fn).options(**{"num_cpus": 1, **(remote_args or {})})
+        return ray.get([task.remote(*args) for args in calls])
+    return run
+
+
+# --- partitions and scatter files ------------------------------------------------------------
+
+
+def partition_of(values: np.ndarray, parts: int, row_ids: np.ndarray) -> np.ndarray:
+    """Per row, its partition in [0, parts): a stable hash of its value (every row of one
+    value lands together, in any process); rows without a value ("" or None, which no rule
+    matches) spread by ``ROW_ID`` instead of piling into one partition."""
+    from pandas.util import hash_array
+
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        h = hash_array(values.astype(np.int64).view(np.uint64))
+    else:
+        empty = (values == "") | np.equal(values, None)
+        text = values.astype(object)                     # str objects, not fixed-width copies
+        text[empty] = ""
+        h = hash_array(text)
+        h[empty] = hash_array(np.asarray(row_ids, np.int64)[empty].view(np.uint64))
+    return (h % np.uint64(parts)).astype(np.int32)
+
+
+def _type(column: str) -> pa.DataType:
+    return pa.int64() if column in _INTS else pa.int32() if column == PART else pa.string()
+
+
+def to_table(batch: Batch) -> pa.Table:
+    """Numpy columns -> an Arrow table of this module's fixed types (strings, int64)."""
+    return pa.table({c: pa.array(np.asarray(v).tolist() if _type(c) == pa.string() else v,
+                                 _type(c)) for c, v in batch.items()})
+
+
+def to_batch(table: pa.Table, *, by_row: str | None = schema.ROW_ID) -> Batch:
+    """An Arrow table -> numpy columns (strings as objects), sorted by ``by_row`` if given."""
+    if by_row is not None and table.num_rows:
+        table = table.sort_by(by_row)
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def scatter(uri: str, chunks: Iterable[tuple[pa.Table, np.ndarray]]) -> str | None:
+    """Writes the rows of ``chunks`` (table, partition per row; each chunk's partitions above
+    the last one's) to one parquet file, one row group per partition: :func:`gather` reads
+    one partition's rows from it. Returns ``uri``, or None when there were no rows."""
+    writer, fh = None, None
+    try:
+        for table, part in chunks:
+            if not table.num_rows:
+                continue
+            order = np.argsort(part, kind="stable")
+            part = np.asarray(part, np.int32)[order]
+            table = table.take(pa.array(order)).append_column(PART, pa.array(part, pa.int32()))
+            if writer is None:
+                fh = open_write(uri, "wb")
+                writer = pq.ParquetWriter(fh, table.schema, write_statistics=[PART])
+            starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+            for a, b in zip(starts.tolist(), np.r_[starts[1:], len(part)].tolist()):
+                writer.write_table(table.slice(a, b - a))       # its own row group(s)
+    finally:
+        if writer is not None:
+            writer.close()
+        if fh is not None:
+            fh.close()
+    return uri if writer is not None else None
+
+
+class Scattered:
+    """The scatter files of one step, their footers read once: which row groups hold which
+    partition (their ``_part`` statistics), so a task reading several partitions of the same
+    files (a band task: one per route) parses each footer once."""
+
+    def __init__(self, uris: Sequence[str]) -> None:
+        self.files: list[tuple[str, pq.FileMetaData, dict[int, list[int]]]] = []
+        for uri in uris:
+            fs, path = filesystem(uri)
+            with fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+            col = meta.schema.to_arrow_schema().get_field_index(PART)
+            groups: dict[int, list[int]] = {}
+            for i in range(meta.num_row_groups):
+                groups.setdefault(_group_part(meta.row_group(i), col), []).append(i)
+            self.files.append((uri, meta, groups))
+
+    def read(self, part: int | None, columns: Sequence[str]) -> pa.Table:
+        """The rows of partition ``part`` (None: all rows), reading only its row groups."""
+        tables = []
+        for uri, meta, groups in self.files:
+            wanted = list(range(meta.num_row_groups)) if part is None else groups.get(part, [])
+            if wanted:
+                fs, path = filesystem(uri)
+                with fs.open(path, "rb") as fh:
+                    pf = pq.ParquetFile(fh, metadata=meta)
+                    tables.append(pf.read_row_groups(wanted, columns=list(columns),
+                                                     use_threads=False))   # small reads
+        if not tables:
+            return pa.table({c: pa.array([], _type(c)) for c in columns})
+        return pa.concat_tables(tables)
+
+
+def gather(uris: Sequence[str], part: int | None, columns: Sequence[str]) -> pa.Table:
+    """The rows of partition ``part`` (None: all rows) of the scatter files ``uris``."""
+    return Scattered(uris).read(part, columns)
+
+
+def _group_part(group: pq.RowGroupMetaData, col: int) -> int:
+    stats = group.column(col).statistics
+    if stats is None or not stats.has_min_max or stats.min != stats.max:
+        raise ValueError(f"row group without one {PART} value: not written by scatter()")
+    return int(stats.min)
+
+
+# --- the compact table -----------------------------------------------------------------------
+
+
+def compact_files(uri: str) -> list[tuple[str, int]]:
+    """(URI, rows) of each parquet file under ``uri`` (pass 1's signatures or staged rows),
+    from the footers alone; names starting with ``_`` or ``.`` are not data, as in Arrow."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    found = [path] if fs.isfile(path) else sorted(fs.find(path))
+    out = []
+    for p in found:
+        rel = p[len(path):].split("/")
+        if not p.endswith(".parquet") or any(s.startswith(("_", ".")) for s in rel if s):
+            continue
+        with fs.open(p, "rb") as fh:
+            out.append((to_uri(fs, p), pq.ParquetFile(fh).metadata.num_rows))
+    return out
+
+
+def read_live(uri: str, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of the live rows of one compact file (``REJECT_REASON == ""`` where the
+    file has that column: staged rows), cast to this module's types (a null column to str)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        staged = schema.REJECT_REASON in pf.schema_arrow.names
+        table = pf.read(columns=[*columns, *([schema.REJECT_REASON] if staged else [])])
+    if staged:
+        table = table.filter(pc.equal(table[schema.REJECT_REASON], "")).drop_columns(
+            [schema.REJECT_REASON])
+    return pa.table({c: table[c].cast(_type(c)) for c in columns})
+
+
+def _groups(files: list[tuple[str, int]], target: int) -> list[list[str]]:
+    """Consecutive files in groups of about ``target`` rows (a larger file alone)."""
+    groups: list[list[str]] = []
+    rows = 0
+    for uri, n in files:
+        if not groups or (rows and rows + n > target):
+            groups.append([])
+            rows = 0
+        groups[-1].append(uri)
+        rows += n
+    return groups
+
+
+def _split_task(uris: list[str], columns: list[str], by: str, parts: int,
+                out: str) -> tuple[str | None, int]:
+    """The live rows of some compact files, scattered by ``by``'s value (the first rule's)."""
+    table = pa.concat_tables([read_live(u, columns) for u in uris])
+    rows = to_batch(table, by_row=None)
+    return scatter(out, [(table, partition_of(rows[by], parts, rows[schema.ROW_ID]))]), \
+        table.num_rows
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One duplicate rule of :class:`Dedup`, as the partitioned plan runs it."""
+
+    reason: str
+    column: str
+    """Its value: every row of one value meets in one partition."""
+    reads: tuple[str, ...]
+    """What it reads besides ``ROW_ID`` and ``KEY``."""
+    whole: bool = False
+    """Runs as one task over all the rows that reach it (caption Jaccard)."""
+
+
+def rules(cfg: DedupConfig) -> list[Rule]:
+    """The rules ``cfg`` switches on, in :meth:`Dedup.decide`'s order."""
+    jaccard = cfg.caption_jaccard > 0
+    on = [(cfg.keys, Rule(DUPLICATE_KEY, schema.KEY, ())),
+          (cfg.exact, Rule(DUPLICATE_IMAGE, schema.SHA256, (schema.SHA256,))),
+          (cfg.near, Rule(NEAR_DUPLICATE_IMAGE, schema.PHASH, (schema.PHASH,))),
+          (cfg.captions, Rule(REPEATED_CAPTION, schema.TEXT_SIG,
+                              (schema.TEXT_SIG, *([schema.TEXT] if jaccard else [])),
+                              whole=jaccard))]
+    return [r for ok, r in on if ok]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What a task of one rule needs (shipped to every task of the round)."""
+
+    rule: Rule
+    cfg: DedupConfig
+    parts: int
+    out: str
+    """Its scratch directory: ``rows/`` (survivors), ``decisions/``."""
+    then: str | None
+    """The next rule's column (its survivors are scattered by it); None after the last rule."""
+    keep: tuple[str, ...]
+    """The columns later rules read (all the survivors carry besides ``ROW_ID`` and ``KEY``)."""
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys([schema.ROW_ID, schema.KEY, *self.rule.reads, *self.keep]))
+
+
+def _rejects(step: Round, rows: Batch, dropped: Batch | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rejected?, duplicate_of) per row of one partition, in ``ROW_ID`` order: the rule's
+    decision exactly as :meth:`Dedup.decide` makes it over the whole table."""
+    keys, rule, cfg = rows[schema.KEY], step.rule, step.cfg
+    if rule.reason == NEAR_DUPLICATE_IMAGE:
+        return _near_rejects(rows[schema.PHASH], keys, dropped)
+    if rule.reason == REPEATED_CAPTION:
+        parent = repeated_captions(rows[schema.TEXT_SIG], cfg.max_caption_repeats,
+                                   texts=rows.get(schema.TEXT), jaccard=cfg.caption_jaccard,
+                                   shingle=cfg.caption_shingle)
+    else:
+        parent = first_of_group(rows[rule.column])
+    return parent >= 0, keys[np.maximum(parent, 0)]
+
+
+def _near_rejects(hashes: np.ndarray, keys: np.ndarray,
+                  dropped: Batch | None) -> tuple[np.ndarray, np.ndarray]:
+    """``near_duplicates`` for the rows of some hash values: a row of a dropped value names
+    the kept neighbour's first row (``dropped``: value -> up_key); any other row but a value's
+    first names that first row."""
+    uniq, first, vid = _by_first_occurrence(np.asarray(hashes, dtype=np.int64))
+    gone = np.zeros(len(uniq), dtype=bool)
+    up_key = np.full(len(uniq), None, dtype=object)
+    if dropped is not None and len(dropped[VALUE]):
+        order = np.argsort(dropped[VALUE])
+        values = dropped[VALUE][order]
+        pos = np.minimum(np.searchsorted(values, uniq), len(values) - 1)
+        gone = values[pos] == uniq
+        up_key[gone] = dropped[UP_KEY][order][pos[gone]]
+    own = first[vid] != np.arange(len(hashes))
+    return gone[vid] | own, np.where(gone[vid], up_key[vid], keys[first[vid]])
+
+
+def round_task(step: Round, q: int | None, inputs: list[str],
+               dropped: str | None) -> tuple[str | None, str | None, int]:
+    """One partition (None: all rows) of one rule: its rejections, scattered by input-file
+    group, and its survivors, scattered by the next rule's value. Returns (survivors' file,
+    rejections' file, survivors)."""
+    rows = to_batch(gather(inputs, q, step.columns()))
+    ids = rows[schema.ROW_ID]
+    if not len(ids):
+        return None, None, 0
+    near = to_batch(gather([dropped], q, [VALUE, UP_KEY]), by_row=None) if dropped else None
+    reject, dup = _rejects(step, rows, near)
+    name = f"{0 if q is None else q:05d}.parquet"
+    decided = to_table({schema.ROW_ID: ids[reject],
+                        schema.REJECT_REASON: np.full(int(reject.sum()), step.rule.reason, object),
+                        schema.DUPLICATE_OF: np.array([str(d or "") for d in dup[reject]],
+                                                      dtype=object)})
+    decisions = scatter(join(step.out, "decisions", name),
+                        [(decided, file_index(ids[reject]) % step.parts)])
+    survivors = None
+    if step.then is not None:
+        live = {c: rows[c][~reject] for c in [schema.ROW_ID, schema.KEY, *step.keep]}
+        by = partition_of(live[step.then], step.parts, live[schema.ROW_ID])
+        survivors = scatter(join(step.out, "rows", name), [(to_table(live), by)])
+    return survivors, decisions, int((~reject).sum())
+
+
+# --- near duplicates: values -> band pairs -> one resolution ---------------------------------
+
+
+def routes(n: int, threshold: int, parts: int) -> list[list[int]]:
+    """The band masks (:func:`~vlmray.data.curation.dedup.band_masks` for n hashes) grouped
+    by route, the route's mask first: a route is the leading blocks of a mask, at least
+    log2(parts) + :data:`ROUTE_SPREAD_BITS` bits (or all of it)."""
+    import itertools
+
+    blocks = band_blocks(n, threshold)
+    need = min(64, math.ceil(math.log2(max(parts, 2))) + ROUTE_SPREAD_BITS)
+    grouped: dict[int, list[int]] = {}
+    for combo in itertools.combinations(blocks, len(blocks) - threshold):
+        route = 0
+        for block in combo:
+            route |= block
+            if route.bit_count() >= need:
+                break
+        grouped.setdefault(route, []).append(sum(combo))
+    return [[route, *masks] for route, masks in grouped.items()]
+
+
+def values_task(inputs: list[str], q: int, route_masks: list[int], parts: int,
+                out: str) -> str | None:
+    """The distinct hashes of one phash partition, each with its first row (ROW_ID, KEY),
+    scattered once per route to band partition ``route * parts + hash(value & route) % parts``."""
+    rows = to_batch(gather(inputs, q, [schema.ROW_ID, schema.KEY, schema.PHASH]))
+    if not len(rows[schema.ROW_ID]):
+        return None
+    uniq, first, _ = _by_first_occurrence(rows[schema.PHASH].astype(np.int64))
+    first_ids = rows[schema.ROW_ID][first]
+    table = to_table({VALUE: uniq, schema.ROW_ID: first_ids, schema.KEY: rows[schema.KEY][first]})
+    u = uniq.view(np.uint64)
+    return scatter(out, ((table, r * parts + partition_of((u & np.uint64(route)).view(np.int64),
+                                                          parts, first_ids))
+                         for r, route in enumerate(route_masks)))
+
+
+def band_task(inputs: list[str], p: int, groups: list[list[int]], threshold: int, parts: int,
+              out: str) -> str | None:
+    """Band partition ``p`` of every route: the pairs of hashes within ``threshold`` bits
+    that share one of the route's band keys, as (earlier first row, later first row, the
+    earlier's KEY, the later's hash). One route's records in memory at a time."""
+    found, records = [], Scattered(inputs)
+    for r, (_, *masks) in enumerate(groups):
+        rec = to_batch(records.read(r * parts + p, [VALUE, schema.ROW_ID, schema.KEY]))
+        i, j = close_pairs(rec[VALUE], threshold, masks=masks)
+        if len(i):
+            ids = rec[schema.ROW_ID]
+            found.append(to_table({SRC: ids[i], DST: ids[j], SRC_KEY: rec[schema.KEY][i],
+                                   DST_VALUE: rec[VALUE][j]}))
+    if not found:
+        return None
+    with open_write(out, "wb") as fh:
+        pq.write_table(pa.concat_tables(found), fh)
+    return out
+
+
+def resolve_task(pair_files: list[str], parts: int, out: str) -> str | None:
+    """ONE task over the near-duplicate pair graph (its size: pairs, not rows): the hashes,
+    named by their first rows and walked in that order, go as ``_earliest_kept`` says; each
+    dropped hash -> its earliest kept neighbour's KEY, scattered by the hash's partition."""
+    tables = []
+    for uri in pair_files:
+        fs, path = arrow_filesystem(uri)
+        tables.append(pq.read_table(path, filesystem=fs))
+    pairs = to_batch(pa.concat_tables(tables), by_row=None)
+    nodes = np.unique(np.r_[pairs[SRC], pairs[DST]])        # by first row = the walk's order
+    src, dst = np.searchsorted(nodes, pairs[SRC]), np.searchsorted(nodes, pairs[DST])
+    key = np.empty(len(nodes), dtype=object)
+    key[src] = pairs[SRC_KEY]
+    value = np.zeros(len(nodes), dtype=np.int64)
+    value[dst] = pairs[DST_VALUE]
+    order = np.lexsort((src, dst))
+    src, dst = src[order], dst[order]
+    once = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]   # one pair, many bands
+    parent = _earliest_kept(src[once], dst[once], len(nodes))
+    gone = np.flatnonzero(parent >= 0)
+    table = to_table({VALUE: value[gone], UP_ROW: nodes[parent[gone]], UP_KEY: key[parent[gone]]})
+    return scatter(out, [(table, partition_of(value[gone], parts, nodes[gone]))])
+
+
+def near_pairs(step: Round, inputs: list[str], alive: int, run: Runner) -> str | None:
+    """Values -> bands -> resolution for the near rule's ``inputs`` (scattered by phash);
+    returns the scatter file of dropped hashes (None: none, e.g. threshold 0)."""
+    threshold, parts = step.cfg.phash_threshold, step.parts
+    if threshold == 0 or not inputs:
+        return None                                  # distinct hashes are never 0 bits apart
+    groups = routes(alive, threshold, parts)
+    base = join(step.out, "near")
+    values = run(values_task, [(inputs, q, [g[0] for g in groups], parts,
+                                join(base, "values", f"{q:05d}.parquet")) for q in range(parts)])
+    values = [v for v in values if v]
+    pairs = run(band_task, [(values, p, groups, threshold, parts,
+                             join(base, "pairs", f"{p:05d}.parquet")) for p in range(parts)])
+    pairs = [p for p in pairs if p]
+    if not pairs:
+        return None
+    return run(resolve_task, [(pairs, parts, join(base, "dropped.parquet"))])[0]
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+def regroup_task(decision_files: list[str], g: int, out: str,
+                 name: str) -> tuple[list[int], dict[str, int]]:
+    """The rejections of the input files in group ``g`` (file index mod P), written as
+    :func:`~vlmray.data.curation.twopass.write_decisions` writes them (``file-<index>``);
+    returns (those input files, rejections by reason). Its ``_files.json`` names only this
+    group's files: :func:`decide_partitioned` writes the whole list after every group."""
+    rows = to_batch(gather(decision_files, g, [schema.ROW_ID, schema.REJECT_REASON,
+                                               schema.DUPLICATE_OF]))
+    if not len(rows[schema.ROW_ID]):
+        return [], {}
+    counts = write_decisions(out, name, Decisions(
+        row_ids=rows[schema.ROW_ID], reasons=rows[schema.REJECT_REASON],
+        duplicate_of=rows[schema.DUPLICATE_OF]))
+    return np.unique(file_index(rows[schema.ROW_ID])).tolist(), counts
+
+
+def _split(stage: Dedup, files: list[tuple[str, int]], plan: list[Rule], parts: int,
+           scratch: str, run: Runner) -> tuple[list[str], int]:
+    """The compact files' live rows, scattered by the first rule's value; (files, rows)."""
+    columns = list(dict.fromkeys([schema.ROW_ID, schema.KEY, *(c for r in plan for c in r.reads)]))
+    if files:
+        fs, path = filesystem(files[0][0])
+        with fs.open(path, "rb") as fh:
+            have = pq.ParquetFile(fh).schema_arrow.names
+        missing = [c for c in columns if c not in have]
+        if missing:
+            raise KeyError(f"{stage.name} needs columns {missing}; the compact table has "
+                           f"{sorted(have)}")
+    by = schema.ROW_ID if plan[0].whole else plan[0].column
+    target = max(1, math.ceil(sum(n for _, n in files) / parts))
+    done = run(_split_task, [(g, columns, by, parts, join(scratch, "split", f"{i:05d}.parquet"))
+                             for i, g in enumerate(_groups(files, target))])
+    return [f for f, _ in done if f], sum(n for _, n in done)
+
+
+def decide_partitioned(stage: Dedup, compact_uri: str, out: str, parts: int, *,
+                       run: Runner = run_local,
+                       files: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """``stage.decide`` over the compact parquet under ``compact_uri``, in ``parts``
+    partitions through ``run``; writes the decisions under ``<out>/<stage.name>`` as
+    :func:`~vlmray.data.curation.twopass.write_decisions` would and returns ``{"live_rows",
+    "rejected": {reason: rows}, "partitions"}``. Scratch files go under ``<out>/_<name>-partitions`` and
+    are removed at the end."""
+    plan = rules(stage.cfg)
+    scratch = join(out, f"_{stage.name}-partitions")
+    remove(scratch)
+    files = compact_files(compact_uri) if files is None else files
+    current, live = _split(stage, files, plan, parts, scratch, run)
+    alive, decided = live, []
+    for i, rule in enumerate(plan):
+        later = plan[i + 1:]
+        step = Round(rule=rule, cfg=stage.cfg, parts=parts, out=join(scratch, f"{i}-{rule.reason}"),
+                     then=(schema.ROW_ID if later[0].whole else later[0].column) if later else None,
+                     keep=tuple(dict.fromkeys(c for r in later for c in r.reads)))
+        dropped = near_pairs(step, current, alive, run) if rule.reason == NEAR_DUPLICATE_IMAGE \
+            else None
+        done = run(round_task, [(step, q, current, dropped)
+                                for q in ([None] if rule.whole else range(parts))])
+        current = [s for s, _, _ in done if s]
+        decided += [d for _, d, _ in done if d]
+        alive = sum(n for _, _, n in done)
+    groups = run(regroup_task, [(decided, g, out, stage.name) for g in range(parts)])
+    rejected: dict[str, int] = {}
+    for _, counts in groups:
+        for reason, n in counts.items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    with open_write(join(out, stage.name, FILES_INDEX)) as fh:
+        json.dump(sorted(f for present, _ in groups for f in present), fh)
+    remove(scratch)
+    return {"live_rows": live, "rejected": dict(sorted(rejected.items())), "partitions": parts}
+
+
+def decide_uri(stage: Dedup, compact_uri: str, out: str, *,
+               remote_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """:meth:`Dedup.decide_uri`: the partitioned plan as Ray tasks placed by ``remote_args``,
+    in ``cfg.partitions`` partitions (0: one per :data:`ROWS_PER_PARTITION` compact rows);
+    None when that is 1 (the caller decides over the whole table in one task)."""
+    files = compact_files(compact_uri)
+    parts = stage.cfg.partitions or math.ceil(sum(n for _, n in files) / ROWS_PER_PARTITION)
+    if parts <= 1:
+        return None
+    return decide_partitioned(stage, compact_uri, out, parts, run=ray_runner(remote_args),
+                              files=files)
+
+
+# --- the global step with a stage that decides from storage ----------------------------------
+
+
+def live_table(uri: str, columns: Sequence[str], earlier: Sequence[FileDecisions]) -> Batch:
+    """``columns`` of the live rows under ``uri`` that no ``earlier`` stage rejected, by
+    ``ROW_ID``: streamed batch by batch, so what is held is the result (and the decision
+    files of a few input files at a time), never the whole compact table."""
+    import pyarrow.dataset as pads
+
+    fs, path = arrow_filesystem(uri)
+    data = pads.dataset(path, filesystem=fs, format="parquet")
+    live = (pads.field(schema.REJECT_REASON) == "") if schema.REJECT_REASON in \
+        data.schema.names else None
+    kept = []
+    for batch in data.to_batches(columns=list(columns), filter=live):
+        ids = batch.column(schema.ROW_ID).to_numpy(zero_copy_only=False)
+        drop = np.zeros(len(ids), dtype=bool)
+        for stage in earlier:
+            reasons = stage.process({schema.ROW_ID: ids}).reasons
+            drop |= np.asarray(reasons if reasons is not None else "") != ""
+        kept.append(pa.Table.from_batches([batch]).filter(pa.array(~drop)))
+    if not kept:
+        return {c: np.zeros(0, dtype=np.int64 if c == schema.ROW_ID else object) for c in columns}
+    table = pa.concat_tables(kept, promote_options="permissive").sort_by(schema.ROW_ID)
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in columns}
+
+
+def decide_stored(sig_uri: str, stages: Sequence[GlobalStage], out: str,
+                  remote_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The global step when its first stage decides from storage (``decide_uri``: dedup in
+    partitions): that stage runs as many tasks and writes its decisions; each later stage
+    then decides in this task over ``ROW_ID`` and its own ``columns`` of the rows no earlier
+    stage rejected (keep-top-fraction: 16 B per row), and its decisions are written; the
+    summary says how many partitions the first stage ran in (``partitions``). None
+    when the first stage has no ``decide_uri`` or declines (a table small enough for one
+    task): the caller reads the whole compact table once, as before."""
+    lead = getattr(stages[0], "decide_uri", None) if stages else None
+    summary = lead(sig_uri, out, remote_args=remote_args) if lead is not None else None
+    if summary is None:
+        return None
+    rejected = {stages[0].name: summary["rejected"]}
+    for i, g in enumerate(stages[1:], start=1):
+        earlier = [FileDecisions(out, s.name) for s in stages[:i]]
+        table = live_table(sig_uri, [schema.ROW_ID, *g.columns], earlier)
+        rejected[g.name] = write_decisions(out, g.name, g.decide(table))
+    return {"live_rows": summary["live_rows"], "rejected": rejected,
+            "partitions": {stages[0].name: summary["partitions"]}}
+
+
+__all__ = ["ROWS_PER_PARTITION", "Round", "Rule", "Runner", "Scattered", "compact_files",
+           "decide_partitioned", "decide_stored", "decide_uri", "gather", "live_table",
+           "partition_of", "ray_runner", "routes", "rules", "run_local", "scatter"]
