@@ -24,10 +24,10 @@ import vlmray
 from tests.plugins.http_server import LoopbackServer, body, closed_port, drip, status
 from tests.train.test_pipeline_ray import SMALL
 from vlmray.data import schema
-from vlmray.data.synthetic import SyntheticConfig, make_shard, write_synthetic
+from vlmray.data.synthetic import SyntheticConfig, make_shard
 
 GOOD = 40
-SYN = SyntheticConfig(num_train=GOOD, num_eval=40, shard_size=GOOD, mismatch_frac=0.0,
+SYN = SyntheticConfig(num_train=GOOD, num_eval=1, shard_size=GOOD, mismatch_frac=0.0,
                       junk_frac=0.0, near_dup_frac=0.0, corrupt_frac=0.0, overlong_frac=0.0)
 HTML = b"<!doctype html><html><body><h1>Not an image</h1></body></html>"
 TIMEOUT_S, DEADLINE_S = 1.0, 2.5      # generous: good images must not time out on a busy box
@@ -41,7 +41,7 @@ BAD = {                                   # path -> (route, expected reason); ""
     "/unreachable-1.jpg": (None, "download_error"),
     "/unreachable-2.jpg": (None, "download_error"),
 }
-RUN = {**SMALL, "train.steps": 6, "train.batch_size": 16, "train.checkpoint_every": 3,
+RUN = {**SMALL, "train.steps": 6, "train.batch_size": 16, "train.checkpoint_every": 0,
        "train.log_every": 3, "eval.every": 0, "data.curate": True, "data.shuffle_buffer": 0,
        "data.curation.download.timeout_s": TIMEOUT_S,
        "data.curation.download.deadline_s": DEADLINE_S,
@@ -96,19 +96,11 @@ def _write_csv(rows: list[dict[str, str]], path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def eval_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("eval-data"))
-    write_synthetic(SYN, root)
-    return f"{root}/eval"
-
-
-@pytest.fixture(scope="module")
-def url_run(ray_local, server, eval_root, tmp_path_factory) -> tuple[vlmray.RunResult, list]:
+def url_run(ray_local, server, tmp_path_factory) -> tuple[vlmray.RunResult, list]:
     tmp = tmp_path_factory.mktemp("urls")
     rows = _url_rows(server)
     source = _write_csv(rows, tmp / "urls.csv")
-    cfg = vlmray.recipe("clip_tiny", **{**RUN, "data.source": source,
-                                        "data.eval_source": eval_root})
+    cfg = vlmray.recipe("clip_tiny", **{**RUN, "data.source": source})
     return vlmray.run(cfg, output=str(tmp / "run")), rows
 
 
@@ -158,15 +150,36 @@ def test_each_good_image_is_downloaded_once_across_epochs(url_run, server) -> No
 def test_resume_reads_the_staged_rows_without_downloading(url_run, server) -> None:
     result, rows = url_run
     before = dict(server.hits)
-    cfg_dict = json.loads((Path(result.run_dir) / "config.json").read_text())
-    cfg = vlmray.recipe("clip_tiny", **{**RUN, "train.steps": 9,
-                                        "data.source": cfg_dict["data"]["source"],
-                                        "data.eval_source": cfg_dict["data"]["eval_source"]})
+    source = json.loads((Path(result.run_dir) / "config.json").read_text())["data"]["source"]
+    cfg = vlmray.recipe("clip_tiny", **{**RUN, "train.steps": 7, "data.source": source})
     again = vlmray.run(cfg, output=result.run_dir, resume=True)
     assert dict(server.hits) == before                        # nothing fetched again
     m = again.metrics
-    assert m["steps"] == 9
+    assert m["steps"] == 7 and m["samples_seen"] == 7 * 16   # continued from step 6
     assert (m["rows_in"], m["rows_accepted"]) == (len(rows), GOOD)
     assert m["reject_reasons"] == _expected_reasons()
     keys = pq.read_table(Path(result.run_dir) / "rejects").column(schema.KEY).to_pylist()
     assert len(keys) == len(set(keys)) == len(BAD)            # rejects not written twice
+
+
+def test_url_list_without_curation_is_downloaded_and_decoded(ray_local, server, tmp_path) -> None:
+    """``data.curate=false``: only the downloader runs before decode; the same reasons come
+    out (a page fails to decode in the decode stage), and a second plan over the same cache
+    fetches nothing. Runs last: its own cache downloads the good images once more."""
+    from vlmray.data.ingest import run_ingest
+
+    rows = _url_rows(server)
+    source = _write_csv(rows, tmp_path / "urls.csv")
+    cfg = vlmray.recipe("clip_tiny", **{**RUN, "data.curate": False, "data.source": source})
+    before = dict(server.hits)
+    kw = {"rejects_uri": str(tmp_path / "rejects"), "cache_root": str(tmp_path / "curation")}
+    result = run_ingest(cfg.data, source, **kw)
+    assert (result.rows_in, result.rows_accepted) == (len(rows), GOOD)
+    assert result.reject_reasons == _expected_reasons()
+    assert all(server.hits[p] - before.get(p, 0) == 1 for p in _captions())
+    stages = {r[schema.REJECT_REASON]: r[schema.REJECT_STAGE]
+              for r in pq.read_table(tmp_path / "rejects").to_pylist()}
+    assert stages["decode_error"] == "decode" and stages["download_timeout"] == "download"
+    fetched = dict(server.hits)
+    assert run_ingest(cfg.data, source, **kw).summary() == result.summary()
+    assert dict(server.hits) == fetched
