@@ -174,13 +174,15 @@ def _source_rows(uris: list[str], placement: Any = None) -> list[int]:
     sources; only one count per block reaches the driver)."""
     from vlmray.data import schema
     from vlmray.data.ingest import read_shards
+    from vlmray.data.placement import remote_args
 
     def count(batch: dict[str, Any]) -> dict[str, Any]:
         return {"n": [len(batch[schema.ROW_ID])]}
 
     return [int(sum(int(r["n"]) for r in read_shards(uri, placement)
                     .select_columns([schema.ROW_ID])
-                    .map_batches(count, batch_size=None, num_cpus=0.25).iter_rows()))
+                    .map_batches(count, batch_size=None, **remote_args(placement, 0.25))
+                    .iter_rows()))
             for uri in uris]
 
 

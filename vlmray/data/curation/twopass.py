@@ -71,15 +71,18 @@ def fingerprint(*parts: Any) -> str:
 
 
 def inputs_fingerprint(files: Sequence[tuple[str, str]]) -> list[Any]:
-    """What identifies the inputs: each file's URI, format and size (cheap, no reads)."""
+    """What identifies the inputs without reading them: each file's URI, format, size and
+    version (ETag on object stores, else the modification time), so a file rewritten to the
+    same size still invalidates a cache."""
     out: list[Any] = []
     for uri, fmt in files:
         fs, path = filesystem(uri)
         try:
-            size = int(fs.size(path) or -1)
+            info = fs.info(path)
         except (OSError, FileNotFoundError):
-            size = -1
-        out.append([uri, fmt, size])
+            info = {}
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        out.append([uri, fmt, int(info.get("size") or -1), str(version)])
     return out
 
 
