@@ -1,5 +1,12 @@
 """Rewrite pipeline: read -> rewrite_plan (La-CLIP rewrites, ALIP synthetic captions, validated
-with a counted fallback reason) -> shards in input order + stats.json.
+with a counted fallback reason) -> shards in input order + stats.json, as one stream.
+
+Nothing is materialised: the plan runs once, straight into the streamed shard writer
+(:func:`~vlmray.data.curation.writers.write_shards_streamed`), and every figure of stats.json
+(rows, fallbacks, tokens, examples) comes from its small per-batch summaries. The rows read
+are counted by row id where they are read (a :class:`~vlmray.data.stream.StreamTally` actor,
+one bit a row), so rows in = rows after rewriting = rows written = distinct row ids is
+checked on compact data.
 
 Copy this module to build your own: every step is a public vlmray function.
 
@@ -22,15 +29,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
-from vlmray.data.curation.writers import WriteConfig, write_shards
+from vlmray.data.curation.writers import WriteConfig, write_shards_streamed
 from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.rewrite.config import RewriteConfig
@@ -38,7 +48,7 @@ from vlmray.rewrite.stage import (
     CAPTION_TOKENS_OUT,
     REWRITE_TOKENS,
     check_rewrite,
-    fallback_counts,
+    fallback_tallies,
     rewrite_plan,
 )
 
@@ -111,46 +121,82 @@ def validate_job(job: RewriteJobConfig) -> None:
         list_inputs(input_uri(job), job.read)
 
 
-def _with_reject_column(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _read_rows(batch: dict[str, np.ndarray], tally: Any) -> dict[str, np.ndarray]:
+    """After the read: every row live (``REJECT_REASON`` ""), and counted by row id in the
+    :class:`~vlmray.data.stream.StreamTally` actor (once, even if a read task is retried)."""
+    import ray
+
     batch[schema.REJECT_REASON] = np.full(len(batch[schema.KEY]), "", dtype=object)
+    ray.get(tally.add.remote(batch[schema.ROW_ID], batch[schema.REJECT_REASON]))
     return batch
 
 
-def _column_sum(ds, column: str) -> int:
-    if column not in ds.columns():
-        return 0
-    return int(sum(int(np.asarray(b[column]).sum()) for b in ds.select_columns([column])
-                   .iter_batches(batch_format="numpy", batch_size=4096)))
+def _str(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _examples(ds, row_ids: np.ndarray) -> list[dict[str, Any]]:
-    """The first rows (input order): original caption -> texts_aug (and synthetic caption)."""
-    first = set(row_ids[:N_EXAMPLES].tolist())
-    rows = ds.drop_columns([schema.IMAGE]).filter(lambda r: r[schema.ROW_ID] in first)
-    rows = rows.take_all()
-    out = []
-    for r in sorted(rows, key=lambda r: r[schema.ROW_ID]):
-        text = r[schema.TEXT]
-        ex = {"key": r[schema.KEY],
-              "text": text.decode("utf-8", "replace") if isinstance(text, bytes) else text,
-              schema.TEXTS_AUG: list(r[schema.TEXTS_AUG]),
-              schema.REWRITE_FALLBACKS: list(r[schema.REWRITE_FALLBACKS])}
-        for col in (schema.SYNTHETIC_CAPTION, schema.CAPTION_FALLBACK):
-            if col in r:
-                ex[col] = r[col]
-        out.append(ex)
-    return out
+def _first_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The batch's N_EXAMPLES rows with the smallest ``ROW_ID``: caption -> texts_aug [and
+    synthetic caption], for stats.json."""
+    first = np.argsort(table[schema.ROW_ID].to_numpy(), kind="stable")[:N_EXAMPLES]
+    cols = [schema.ROW_ID, schema.KEY, schema.TEXT, schema.TEXTS_AUG, schema.REWRITE_FALLBACKS,
+            schema.SYNTHETIC_CAPTION, schema.CAPTION_FALLBACK]
+    rows = table.take(pa.array(first)).select([c for c in cols if c in table.column_names])
+    return [{c: ([_str(x) for x in v] if isinstance(v, list) else
+                 v if c == schema.ROW_ID else _str(v)) for c, v in r.items()}
+            for r in rows.to_pylist()]
 
 
-def _write(final, job: RewriteJobConfig) -> tuple[np.ndarray, int, int]:
-    """All rows to ``<output>/shards`` in ``ROW_ID`` order; (row ids, rows written, shards)."""
-    ids = np.sort(np.concatenate([b[schema.ROW_ID] for b in final.select_columns(
-        [schema.ROW_ID]).iter_batches(batch_format="numpy", batch_size=None)]))
+def batch_summary(table: pa.Table) -> dict[str, Any]:
+    """Pass A of the writer, per batch: fallback counts, generated tokens, the first rows."""
+    from vlmray.data.stream import FALLBACK_COLUMNS, count_fallbacks
+
+    cols = table.column_names
+    tokens = {name: int(pc.sum(table[col]).as_py() or 0) if col in cols else 0
+              for name, col in (("rewrites", REWRITE_TOKENS), ("captions", CAPTION_TOKENS_OUT))}
+    fallbacks = count_fallbacks({c: table[c].to_numpy(zero_copy_only=False)
+                                 for c in FALLBACK_COLUMNS if c in cols})
+    return {"fallbacks": fallbacks, "tokens": tokens, "examples": _first_rows(table)}
+
+
+@dataclass
+class Totals:
+    """The driver's sum of :func:`batch_summary` over the stream (its size: a few counters)."""
+
+    fallbacks: dict[str, Counter[str]] = field(default_factory=dict)
+    tokens: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, doc: dict[str, Any]) -> None:
+        for key, counts in doc["fallbacks"].items():
+            self.fallbacks.setdefault(key, Counter()).update(counts)
+        self.tokens.update(doc["tokens"])
+        self.examples = sorted(self.examples + doc["examples"],
+                               key=lambda r: r[schema.ROW_ID])[:N_EXAMPLES]
+
+    def examples_out(self) -> list[dict[str, Any]]:
+        return [{c: v for c, v in r.items() if c != schema.ROW_ID} for r in self.examples]
+
+
+def _write(job: RewriteJobConfig, uri: str) -> tuple[dict[str, Any], Totals, int]:
+    """read -> rewrite_plan -> shards, streamed: (writer's counts, totals, rows read)."""
+    import ray
+
+    from vlmray.data.stream import StreamTally
+
+    tally = ray.remote(StreamTally).options(num_cpus=0).remote()
+    rows = read_inputs(uri, job.read).map_batches(_read_rows, fn_kwargs={"tally": tally},
+                                                  batch_format="numpy", batch_size=None)
     shards_uri = join(job.output, "shards")
     remove(shards_uri)
-    n_shards = -(-len(ids) // job.write.shard_size)
-    written = write_shards(final, ids, list(range(n_shards)), shards_uri, job.write, "jpg")
-    return ids, sum(int(r["rows"]) for r in written), n_shards
+    totals = Totals()
+    out = write_shards_streamed(rewrite_plan(rows, job.rewrite), shards_uri, job.write, "jpg",
+                                summarize=batch_summary, on_summary=totals.add)
+    rows_in = int(ray.get(tally.totals.remote())["rows_in"])
+    ray.kill(tally)
+    return out, totals, rows_in
 
 
 def run(job: RewriteJobConfig) -> dict[str, Any]:
@@ -163,27 +209,25 @@ def run(job: RewriteJobConfig) -> dict[str, Any]:
     uri = input_uri(job)
     eval_uri = copy_eval(job)
     init_ray()
-    raw = read_inputs(uri, job.read).map_batches(_with_reject_column, batch_format="numpy")
-    raw = raw.materialize()
-    rows_in, t_read = raw.count(), time.perf_counter()
-    final = rewrite_plan(raw, job.rewrite).materialize()
-    rewrite_s = time.perf_counter() - t_read
-    ids, rows_out, n_shards = _write(final, job)
-    if not rows_in == final.count() == rows_out == len(np.unique(ids)):
-        raise RuntimeError(f"rows_in {rows_in} != rows_out {rows_out} (after rewriting: "
-                           f"{final.count()}, distinct row ids: {len(np.unique(ids))})")
-    cfg = job.rewrite
-    tokens = {"rewrites": _column_sum(final, REWRITE_TOKENS),
-              "captions": _column_sum(final, CAPTION_TOKENS_OUT)}
+    out, totals, rows_in = _write(job, uri)
+    if not rows_in == out["rows"] == out["rows_out"] == out["rows_written"] \
+            == out["distinct_row_ids"]:
+        raise RuntimeError(f"rows_in {rows_in} != rows_out {out['rows_written']} (after "
+                           f"rewriting: {out['rows']}, kept: {out['rows_out']}, distinct row "
+                           f"ids: {out['distinct_row_ids']})")
+    cfg, rewrite_s = job.rewrite, out["stream_s"]
+    tokens = {"rewrites": totals.tokens["rewrites"], "captions": totals.tokens["captions"]}
     generated = rows_in * cfg.k + (rows_in if cfg.captioner != "none" else 0)
+    fallbacks = {k: dict(v) for k, v in totals.fallbacks.items()}
     stats = {"input": uri, "output": job.output, "eval": eval_uri, "rows_in": rows_in,
-             "rows_out": rows_out, "shards": n_shards, "format": job.write.format,
-             "k": cfg.k, "backend": cfg.backend, "model": cfg.model,
-             "captioner": cfg.captioner, **fallback_counts(final),
-             "generated_tokens": tokens, "rewrite_s": round(rewrite_s, 2),
+             "rows_out": out["rows_written"], "shards": out["shards"],
+             "format": job.write.format, "k": cfg.k, "backend": cfg.backend, "model": cfg.model,
+             "captioner": cfg.captioner, **fallback_tallies(fallbacks),
+             "generated_tokens": tokens, "rewrite_s": rewrite_s,
              "captions_per_s": round(generated / max(rewrite_s, 1e-9), 2),
              "output_tokens_per_s": round(sum(tokens.values()) / max(rewrite_s, 1e-9), 2),
-             "examples": _examples(final, ids), "config": asdict(job)}
+             "write_s": out["assemble_s"], "examples": totals.examples_out(),
+             "config": asdict(job)}
     stats["wall_s"] = round(time.perf_counter() - t0, 2)
     write_bytes_atomic(join(job.output, "stats.json"),
                        json.dumps(stats, indent=2, ensure_ascii=False).encode())

@@ -178,16 +178,21 @@ def _tally(counts: dict[str, int]) -> dict[str, Any]:
             "by_reason": by}
 
 
-def fallback_counts(ds: ray.data.Dataset) -> dict[str, dict[str, Any]]:
+def fallback_tallies(totals: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
     """``{"rewrites": tally, "captions": tally}`` (a tally: total, kept, fell_back,
-    skipped_rejected, by_reason) over a dataset after :func:`rewrite_plan`, from the same
-    count the training summary uses (:func:`vlmray.data.ingest.fallback_totals`)."""
-    from vlmray.data.ingest import fallback_totals
-
-    totals = fallback_totals(ds)
+    skipped_rejected, by_reason) from reason counts keyed as
+    :func:`vlmray.data.ingest.count_fallbacks` gives them (summed over any batches)."""
     return {"rewrites": _tally(totals.get("rewrite_fallbacks", {})),
             "captions": _tally(totals.get("caption_fallbacks", {}))}
 
 
+def fallback_counts(ds: ray.data.Dataset) -> dict[str, dict[str, Any]]:
+    """:func:`fallback_tallies` over a dataset after :func:`rewrite_plan`, from the same
+    count the training summary uses (:func:`vlmray.data.ingest.fallback_totals`)."""
+    from vlmray.data.ingest import fallback_totals
+
+    return fallback_tallies(fallback_totals(ds))
+
+
 __all__ = ["CAPTION_TOKENS_OUT", "REWRITE_TOKENS", "check_rewrite", "fallback_counts",
-           "prepare_batch", "rewrite_plan", "validate_batch"]
+           "fallback_tallies", "prepare_batch", "rewrite_plan", "validate_batch"]
