@@ -1,5 +1,6 @@
 """Curation pipeline: read -> [download] -> text -> image -> [score] -> dedup -> [top fraction]
--> write fixed-size shards, ``rejects/`` (a reason per row) and ``stats.json``.
+-> write fixed-size shards, ``rejects/`` (a reason per row) and ``stats.json``; streamed, so
+memory is bounded by settings, never by the number of rows.
 
 Copy this module to build your own pipeline: every step is a public vlmray stage.
 
@@ -12,7 +13,14 @@ Output layout::
     <output>/shards/part-00000.tar ...   kept rows, in input order, shard_size each
     <output>/rejects/*.parquet           key, text, source, url, stage, reason, duplicate_of
     <output>/stats.json                  rows_in/out/rejected, per-stage in/kept/dropped/repaired
-    <output>/_staging/                   validated rows before dedup (resume point; then removed)
+    <output>/_staging/rows/              pass 1: every row after the per-row stages, streamed to
+                                         parquet (resume point; then removed)
+    <output>/_staging/global/            the compact decisions of dedup / top fraction
+
+Two passes (:mod:`vlmray.data.curation.twopass`): pass 1 streams the per-row stages' output to
+``_staging`` (a URL is downloaded once); the whole-dataset decisions read only the compact
+columns of the staged live rows (row id, key, hashes, score); pass 2 streams the staged rows,
+joins the decisions by row id, and the streamed writer turns the kept rows into shards.
 
 Resuming: re-running with the same settings reuses ``_staging`` when it is complete and skips
 shards already written; the output is the same as an uninterrupted run's.
@@ -24,40 +32,32 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from vlmray.api import init_ray
 from vlmray.config import ConfigError
 from vlmray.data import schema
-from vlmray.data.curation.accounting import (
-    check_identity,
-    noise_report,
-    stage_stats,
-    tally,
-)
+from vlmray.data.curation.accounting import check_identity, count_batch, stage_stats
 from vlmray.data.curation.config import CurateJobConfig
 from vlmray.data.curation.images import IMAGE_SUFFIX
-from vlmray.data.curation.plan import (
-    apply_global,
-    apply_row_stages,
-    global_stages,
-    live_table,
-    repair_stages,
-    row_stages,
-)
+from vlmray.data.curation.plan import apply_row_stages, global_stages, repair_stages, row_stages
 from vlmray.data.curation.readers import list_inputs, read_inputs
-from vlmray.data.curation.writers import (
-    SHARD,
-    collect_rejects,
-    existing_shards,
-    write_shards,
+from vlmray.data.curation.twopass import (
+    decision_stages,
+    global_decisions,
+    read_staged,
+    stage_once,
 )
-from vlmray.data.storage import arrow_filesystem, exists, filesystem, join, open_write, remove
+from vlmray.data.curation.writers import write_shards_streamed
+from vlmray.data.placement import apply_budget, remote_args
+from vlmray.data.storage import exists, filesystem, join, open_write, remove
 
 REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
                   schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
-REJECTS_PER_FILE = 1_000_000
 EXIT_AFTER_STAGING = "VLMRAY_TEST_EXIT_AFTER_STAGING"   # test hook: die once staging is written
 
 
@@ -67,7 +67,8 @@ class Layout:
 
     def __getattr__(self, name: str) -> str:
         parts = {"shards": "shards", "rejects": "rejects", "stats": "stats.json",
-                 "job": "_job.json", "staging": "_staging", "staged": "_staging/_SUCCESS"}
+                 "job": "_job.json", "staging": "_staging", "staged": "_staging/_SUCCESS",
+                 "decisions": "_staging/global"}
         if name not in parts:
             raise AttributeError(name)
         return join(self.root, parts[name])
@@ -109,58 +110,61 @@ def plan(job: CurateJobConfig, uri: str):
     files = list_inputs(uri, job.read)
     urls = any(fmt == "urls" for _, fmt in files)
     stages = row_stages(job.curation(), download=job.download if urls else None)
-    return apply_row_stages(read_inputs(uri, job.read), stages), stages, len(files)
+    rows = read_inputs(uri, job.read, job.placement)
+    return apply_row_stages(rows, stages, job.placement), stages, len(files)
 
 
-def staged_rows(job: CurateJobConfig, layout: Layout, uri: str):
-    """Rows after the per-row stages, from ``_staging`` when a previous run completed it."""
-    import ray.data
-
-    fs, path = arrow_filesystem(layout.staging)
-    if exists(layout.staged) and _read_json(layout.staged).get("fingerprint") == fingerprint(job):
-        print(f"[curate] reusing staged rows in {layout.staging}", flush=True)
-        return ray.data.read_parquet(path, filesystem=fs).materialize(), _read_json(layout.staged)
-    remove(layout.staging)
+def staged_rows(job: CurateJobConfig, layout: Layout, uri: str) -> tuple[str, dict[str, Any]]:
+    """Pass 1: the rows after the per-row stages, streamed to ``_staging`` (or found there
+    from a previous run with the same settings); returns (their URI, the plan's metadata)."""
     ds, stages, n_files = plan(job, uri)
-    staged = ds.materialize()
-    staged.write_parquet(path, filesystem=fs)
-    meta = {"fingerprint": fingerprint(job), "files_in": n_files,
-            "stages": [s.name for s in stages], "repairs": repair_stages(stages)}
-    _write_json(layout.staged, meta)
+    meta = {"files_in": n_files, "stages": [s.name for s in stages],
+            "repairs": repair_stages(stages)}
+    if exists(layout.staged):
+        print(f"[curate] reusing staged rows in {layout.staging} if they match", flush=True)
+    staged = stage_once(lambda: ds, layout.staging, fingerprint=fingerprint(job))
     if os.environ.get(EXIT_AFTER_STAGING):
         os._exit(75)
     return staged, meta
 
 
-def write_kept(final, job: CurateJobConfig, layout: Layout) -> dict[str, Any]:
-    """Fixed-size shards of the kept rows; shards already on storage are skipped."""
-    kept_ids = live_table(final, [])[schema.ROW_ID]
-    size = job.write.shard_size
-    n_shards = -(-len(kept_ids) // size)
-    have = set(existing_shards(layout.shards))
-    todo = [i for i in range(n_shards) if job.write.shard_name(i) not in have]
-    written = write_shards(final, kept_ids, todo, layout.shards, job.write,
-                           IMAGE_SUFFIX[job.image.format]) if todo else []
-    wrote = {int(r[SHARD]): int(r["rows"]) for r in written if r["written"]}
-    for i, n in wrote.items():
-        expected = min(size, len(kept_ids) - i * size)
-        if n != expected:
-            raise RuntimeError(f"shard {i} got {n} rows, expected {expected}")
-    return {"rows_out": int(len(kept_ids)), "shards": n_shards, "shards_written": len(wrote),
-            "shards_skipped": n_shards - len(todo)}
+def _batch_summary(table: pa.Table) -> dict[str, Any]:
+    """What the writer's stream reports per batch: the accounting counts and, for the built-in
+    data, rows and rejected rows per injected noise kind."""
+    cols = [c for c in (schema.REJECT_REASON, schema.REJECT_STAGE, schema.REPAIRS)
+            if c in table.column_names]
+    batch = {c: table[c].to_numpy(zero_copy_only=False) for c in cols}
+    counts = count_batch(batch)
+    noise: dict[str, list[int]] = {}
+    if schema.META in table.column_names:
+        rejected = batch[schema.REJECT_REASON] != ""
+        for meta, bad in zip(table[schema.META].to_pylist(), rejected):
+            try:
+                doc = json.loads(meta or "{}")
+            except (TypeError, ValueError):
+                continue
+            if isinstance(doc, dict) and "noise" in doc:
+                entry = noise.setdefault(doc["noise"] or "clean", [0, 0])
+                entry[0], entry[1] = entry[0] + 1, entry[1] + int(bad)
+    return {"counts": [[str(counts[k][i]) if k != "n" else int(counts[k][i])
+                        for k in ("kind", "stage", "name", "n")]
+                       for i in range(len(counts["n"]))], "noise": noise}
 
 
-def write_rejects(final, layout: Layout) -> int:
-    """Rejected rows (no images), in ``ROW_ID`` order, to ``rejects/rejects-00000.parquet``...;
-    returns the number of rows written."""
-    import pyarrow.parquet as pq
+@dataclass
+class _Totals:
+    """The per-batch summaries, added up on the driver (small: counts, not rows)."""
 
-    remove(layout.rejects)
-    table = collect_rejects(final, [c for c in REJECT_COLUMNS if c in final.columns()])
-    for i, start in enumerate(range(0, table.num_rows, REJECTS_PER_FILE)):
-        with open_write(join(layout.rejects, f"rejects-{i:05d}.parquet"), "wb") as f:
-            pq.write_table(table.slice(start, REJECTS_PER_FILE), f, compression="zstd")
-    return table.num_rows
+    counts: Counter = field(default_factory=Counter)
+    noise: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, summary: dict[str, Any]) -> None:
+        for kind, stage, name, n in summary["counts"]:
+            self.counts[(kind, stage, name)] += int(n)
+        for kind, (rows, rejected) in summary["noise"].items():
+            entry = self.noise.setdefault(kind, {"rows": 0, "rejected": 0})
+            entry["rows"] += rows
+            entry["rejected"] += rejected
 
 
 def _check_output(job: CurateJobConfig, layout: Layout) -> dict[str, Any] | None:
@@ -194,24 +198,35 @@ def run(job: CurateJobConfig) -> CurateResult:
         return CurateResult(job.output, done)
     uri = input_uri(job)
     init_ray()
+    apply_budget(job.placement)        # before any plan is built: datasets copy the context
+    where = remote_args(job.placement, 1.0)
     staged, meta = staged_rows(job, layout, uri)
     t_staged = time.perf_counter()
     globals_ = global_stages(job.curation())
-    final = apply_global(staged, globals_).materialize()
+    decide = []
+    if globals_:
+        summary = global_decisions(None, globals_, layout.decisions, remote_args=where,
+                                   fingerprint=fingerprint(job), staged=staged)
+        decide = decision_stages(summary["decisions"], globals_)
+    final = apply_row_stages(read_staged(staged), decide, job.placement)
+    totals = _Totals()
+    remove(layout.rejects)                      # a resumed run writes every reject again
+    out = write_shards_streamed(final, layout.shards, job.write, IMAGE_SUFFIX[job.image.format],
+                                summarize=_batch_summary, on_summary=totals.add,
+                                rejects_uri=layout.rejects, reject_columns=REJECT_COLUMNS,
+                                resources=where.get("resources"))
     names = meta["stages"] + [g.name for g in globals_]
-    stats = stage_stats(names, tally(final), meta["repairs"])
-    noise = noise_report(final)
-    out = write_kept(final, job, layout)
-    rejected = write_rejects(final, layout)
-    check_identity(stats["rows_in"], rows_out=out["rows_out"], rows_rejected=rejected,
+    stats = stage_stats(names, totals.counts, meta["repairs"])
+    check_identity(stats["rows_in"], rows_out=out["rows_out"], rows_rejected=out["rows_rejected"],
                    where="curation output")
     check_identity(stats["rows_in"], rows_out=stats["rows_out"],
                    rows_rejected=stats["rows_rejected"], where="stage counts")
-    stats.update(out, input=uri, output=job.output, format=job.write.format,
-                 files_in=meta.get("files_in"), fingerprint=fingerprint(job),
+    stats.update({k: out[k] for k in ("rows_out", "shards", "shards_written", "shards_skipped")},
+                 input=uri, output=job.output, format=job.write.format,
+                 files_in=meta["files_in"], fingerprint=fingerprint(job),
                  stage_s=round(t_staged - t0, 2), wall_s=round(time.perf_counter() - t0, 2))
-    if noise:
-        stats["builtin_noise"] = noise
+    if totals.noise:
+        stats["builtin_noise"] = dict(sorted(totals.noise.items()))
     _write_json(layout.stats, stats)
     if not job.keep_staging:
         remove(layout.staging)
