@@ -19,7 +19,7 @@ from PIL import Image
 from vlmray.config import ConfigError, DataConfig
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
-from vlmray.data.ingest import REGION_COLUMNS, DecodeStage, _select, decode_spec, train_columns
+from vlmray.data.ingest import REGION_COLUMNS, DecodeStage, decode_spec, train_columns
 from vlmray.data.mixup import mix_rows
 from vlmray.data.regions import map_box, plural
 from vlmray.data.synthetic import SyntheticConfig, make_sample
@@ -129,8 +129,8 @@ def test_ingest_selects_region_columns_and_decode_stage_emits_them() -> None:
     raw = {c: np.asarray([s[c] for s in samples], dtype=object)
            for c in (schema.KEY, schema.IMAGE, schema.TEXT, schema.META)}
     decoded = DecodeStage(on)(raw)
-    kept = _select(decoded, rejected=False)
-    train = {c: kept[c] for c in train_columns(on)}      # what run_ingest's select keeps
+    live = decoded[schema.REJECT_REASON] == ""
+    train = {c: decoded[c][live] for c in train_columns(on)}   # what the split stage keeps
     assert train[schema.REGION_BOXES].shape == (8, 3, 4)
     assert train[schema.REGION_SPANS].shape == (8, 3, 32)
     assert train[schema.REGION_MASK].sum() > 0

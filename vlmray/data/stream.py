@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vlmray.data import schema
 from vlmray.data.curation.accounting import check_identity
-
-if TYPE_CHECKING:
-    import ray.data
-
-    from vlmray.config import DataConfig
 
 _ROW_BITS = 32
 FALLBACK_COLUMNS = {schema.REWRITE_FALLBACKS: "rewrite_fallbacks",
