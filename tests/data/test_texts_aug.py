@@ -218,8 +218,8 @@ def test_config_checks_and_automatic_extra_texts() -> None:
     with pytest.raises(ConfigError, match="add 'texts_aug'"):         # the command line's path
         apply_overrides(DataConfig(), {"views.caption_sampling": "uniform"})
     cfg = apply_overrides(DataConfig(), {"rewrite.k": "3", "views.caption_sampling": "uniform",
-                                         "stream": "true"})   # rewrite + stream is allowed
-    assert cfg.extra_texts == ["texts_aug"] and cfg.rewrite.k == 3 and cfg.stream
+                                         "cache": "true"})    # rewrite + cache is allowed
+    assert cfg.extra_texts == ["texts_aug"] and cfg.rewrite.k == 3 and cfg.cache
 
 
 def test_stream_tally_counts_fallbacks_of_new_rows_once() -> None:
