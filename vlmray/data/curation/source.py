@@ -16,10 +16,21 @@ from ray.data.block import BlockMetadata
 from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS, ReadConfig, read_file
 
 
-def read_arrow(uri: str, index: int, fmt: str, cfg: ReadConfig | None) -> Iterator[pa.Table]:
-    """One input file -> one Arrow table with the reader's fixed column types."""
+BLOCK_ROWS = 256
+"""Rows per block a read task emits: a file's rows leave its task in blocks of this many, so
+what the object store and each downstream task hold is bounded by this, not by the file's
+size (a 10,000-row shard decoded at 224 px would be one 6 GB block)."""
+
+
+def read_arrow(uri: str, index: int, fmt: str, cfg: ReadConfig | None,
+               block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
+    """One input file -> Arrow tables of at most ``block_rows`` rows, in row order, with the
+    reader's fixed column types."""
     batch = read_file(uri, index, fmt, cfg)
-    yield pa.Table.from_pydict({c: list(batch[c]) for c in COLUMNS}, schema=ARROW_SCHEMA)
+    n = len(batch[COLUMNS[0]])
+    for start in range(0, max(n, 1), block_rows):
+        yield pa.Table.from_pydict({c: list(batch[c][start:start + block_rows])
+                                    for c in COLUMNS}, schema=ARROW_SCHEMA)
 
 
 class InputFiles(Datasource):
