@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "<output>/dumps/<run>/ (diagnosis; 0: off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable)")
+    p.add_argument("--replot", action="store_true",
+                   help="run nothing: re-derive data rows/s, the ratios line and the plot from "
+                        "<output>/scale.jsonl's run lines")
     p.add_argument("--child", help=argparse.SUPPRESS)   # JSON spec: run one (N, variant)
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -268,9 +271,27 @@ def full_passes(executions: list[dict[str, Any]], n: int,
                 before: float | None) -> list[dict[str, Any]]:
     """The Ray Data executions that read every input row (first operator >= ``n`` rows out)
     and ended before ``before`` (the train workers' start): the data passes training waits for
-    (curation's pass 1, the retrieval index's embedding pass, a cache's materialisation)."""
+    (curation's pass 1, the retrieval index's embedding pass, a cache's materialisation).
+    Training streams (a ``split`` operator: a bootstrap run's) are paced by training: left out."""
     return [e for e in executions if e.get("rows_out") and e["rows_out"][0] >= n
+            and not any(op.startswith("split(") for op in e["operators"])
             and e.get("end_s") is not None and (before is None or e["end_s"] <= before)]
+
+
+def data_rate(executions: list[dict[str, Any]], n: int,
+              train_start: float | None) -> dict[str, Any]:
+    """``data_rows_per_s`` over :func:`full_passes`, with what it covers."""
+    passes = full_passes(executions, n, train_start)
+    pass_s = sum(e["wall_s"] for e in passes)
+    return {
+        "data_rows_per_s": round(sum(e["rows_out"][0] for e in passes) / pass_s, 1)
+        if passes and pass_s else None,
+        "data_rows_per_s_covers": (
+            "rows read / wall seconds, summed over the Ray Data executions that read all N "
+            "input rows before training started (curation pass 1, the retrieval embedding "
+            "pass, the cache's materialisation; not training streams); null when training "
+            "needs no such pass"),
+        "data_passes": len(passes), "data_pass_s": round(pass_s, 2)}
 
 
 def summarise(spec: dict[str, Any], result: Any, error: str | None, memory: dict[str, Any],
@@ -281,8 +302,6 @@ def summarise(spec: dict[str, Any], result: Any, error: str | None, memory: dict
     times = first_times(spec["run_dir"])
     since = {k: (round(v - t0, 2) if v else None) for k, v in times.items()}
     n, train_start = spec["n"], since["train_start"]
-    passes = full_passes(executions, n, train_start)
-    pass_s = sum(e["wall_s"] for e in passes)
     recipe, _ = VARIANTS[spec["variant"]]
     store = memory["object_store"]
     return {
@@ -296,13 +315,7 @@ def summarise(spec: dict[str, Any], result: Any, error: str | None, memory: dict
         "peak_object_store_bytes": store["peak_used_bytes"],
         "spilled_bytes": store["spilled_bytes"],
         "t_first_step_s": since["first_step"],
-        "data_rows_per_s": round(sum(e["rows_out"][0] for e in passes) / pass_s, 1)
-        if passes and pass_s else None,
-        "data_rows_per_s_covers": (
-            "rows read / wall seconds, summed over the Ray Data executions that read all N "
-            "input rows before training started (curation pass 1, the retrieval embedding "
-            "pass, the cache's materialisation); null when training needs no such pass"),
-        "data_passes": len(passes), "data_pass_s": round(pass_s, 2),
+        **data_rate(executions, n, train_start),
         "pre_train_rows_per_s": round(n / train_start, 1) if train_start else None,
         "wall_s": round(wall, 1),
         "phases": {"train_workers_start_s": train_start, "first_step_s": since["first_step"],
@@ -389,8 +402,8 @@ def ratios(lines: list[dict[str, Any]]) -> dict[str, Any]:
         r = {"n": [lo["n"], hi["n"]],
              "peak_object_store": _ratio(hi["peak_object_store_bytes"],
                                          lo["peak_object_store_bytes"]),
-             "peak_rss_anon_total": _ratio(hi["rss_anon_peak_total_bytes"],
-                                           lo["rss_anon_peak_total_bytes"]),
+             "peak_rss_anon_total": _ratio(hi.get("rss_anon_peak_total_bytes"),
+                                           lo.get("rss_anon_peak_total_bytes")),
              "peak_rss_process": rss,
              "spilled_bytes_max": max(x.get("spilled_bytes") or 0 for x in runs),
              "t_first_step": _ratio(hi["t_first_step_s"], lo["t_first_step_s"]),
@@ -429,7 +442,7 @@ def plot(lines: list[dict[str, Any]], path: Path) -> None:
                      label=f"{v}: peak held")
         axes[0].plot(ns, [(x["spilled_bytes"] or 0) / mib for x in runs], "x--", color=c,
                      label=f"{v}: spilled")
-        axes[1].plot(ns, [x["rss_anon_peak_total_bytes"] / mib for x in runs], "o-", color=c,
+        axes[1].plot(ns, [x.get("rss_anon_peak_total_bytes", 0) / mib for x in runs], "o-", color=c,
                      label=f"{v}: all processes (anon)")
         for kind, style in kinds:
             ys = [x["rss_peak_process_bytes"].get(kind, {}).get("rss") for x in runs]
@@ -450,6 +463,21 @@ def plot(lines: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def replot(out: Path) -> None:
+    """Re-derives each run line's data rows/s from its executions, rewrites ``scale.jsonl``
+    with a fresh ratios line, and redraws the plot."""
+    lines = [json.loads(x) for x in (out / "scale.jsonl").read_text().splitlines() if x]
+    runs = [x for x in lines if "variant" in x]
+    for x in runs:
+        if not x.get("error"):
+            x.update(data_rate(x["data_executions"], x["n"],
+                               x["phases"]["train_workers_start_s"]))
+    final = ratios(runs)
+    (out / "scale.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [*runs, final]))
+    print(json.dumps(final), flush=True)
+    plot(runs, out / "scale_memory.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:                   # --output is the file the one JSON line goes to
@@ -459,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        replot(out)
+        return
     runs = Path(args.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
     lines: list[dict[str, Any]] = []
     with open(out / "scale.jsonl", "w") as f:

@@ -190,7 +190,7 @@ def test_killed_driver_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         assert ckpt_step >= 8 and max(r["step"] for r in before) >= ckpt_step
 
         drivers.append(_pretrain(run_dir, env, log, "--resume"))
-        assert drivers[1].wait(timeout=240) == 0, log.read_text()[-4000:]
+        assert drivers[1].wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         for proc in drivers:          # on a failure: stop what is still running (ours only)
             if proc.poll() is None:
