@@ -47,8 +47,9 @@ and appends ONE JSON line to ``<output>/scale.jsonl``:
   shared machine's other tenants slow a run down).
 
 A last line gives, per variant, the ratios of the largest N to the smallest against the issue's
-targets (peak memory <= 1.25x: the store, the summed anon RSS and each JUDGED_KINDS process;
-nothing spilled; time to first step <= 1.5x; data rows/s >= 0.8x) and which are met;
+targets (peak memory <= 1.25x: the store, the summed anon RSS and each JUDGED_KINDS process's
+anon RSS; nothing spilled; time to first step <= 1.5x; data rows/s >= 0.8x) and which are met
+(null: not measurable), and the same of the largest over the second largest;
 ``<output>/scale_memory.png`` plots memory against N and ``<output>/series/`` keeps each run's
 samples (store bytes, spill counter, RSS per kind over time).
 """
@@ -386,38 +387,49 @@ def _ratio(hi: Any, lo: Any) -> float | None:
     return round(hi / lo, 3) if isinstance(hi, (int, float)) and lo else None
 
 
+def _pair(lo: dict[str, Any], hi: dict[str, Any]) -> dict[str, Any]:
+    """``hi``'s figures over ``lo``'s, and which of the issue's targets they meet (None where
+    a figure is missing, e.g. data rows/s of a run with no pass before training)."""
+    kinds = sorted(set(lo.get("rss_peak_process_bytes", {}))
+                   & set(hi.get("rss_peak_process_bytes", {})))
+    per = {m: {k: _ratio(hi["rss_peak_process_bytes"][k][m], lo["rss_peak_process_bytes"][k][m])
+               for k in kinds} for m in ("anon", "rss")}
+    r = {"n": [lo["n"], hi["n"]],
+         "peak_object_store": _ratio(hi["peak_object_store_bytes"], lo["peak_object_store_bytes"]),
+         "peak_rss_anon_total": _ratio(hi.get("rss_anon_peak_total_bytes"),
+                                       lo.get("rss_anon_peak_total_bytes")),
+         "peak_anon_process": per["anon"], "peak_rss_process": per["rss"],
+         "spilled_bytes_max": max(x.get("spilled_bytes") or 0 for x in (lo, hi)),
+         "t_first_step": _ratio(hi["t_first_step_s"], lo["t_first_step_s"]),
+         "data_rows_per_s": _ratio(hi["data_rows_per_s"], lo["data_rows_per_s"])}
+    memory = [v for v in (r["peak_object_store"], r["peak_rss_anon_total"],
+                          *(per["anon"].get(k) for k in JUDGED_KINDS)) if v is not None]
+    r["met"] = {
+        "peak_memory": max(memory) <= TARGETS["peak_memory_max_ratio"] if memory else None,
+        "nothing_spilled": r["spilled_bytes_max"] == 0,
+        "t_first_step": None if r["t_first_step"] is None
+        else r["t_first_step"] <= TARGETS["t_first_step_max_ratio"],
+        "data_rows_per_s": None if r["data_rows_per_s"] is None
+        else r["data_rows_per_s"] >= TARGETS["data_rows_per_s_min_ratio"]}
+    return r
+
+
 def ratios(lines: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: the largest N's figures over the smallest's, and which targets they meet."""
+    """Per variant: the largest N's figures over the smallest's (the issue's targets: memory
+    judged on the store, the summed anon RSS and each JUDGED_KINDS process's anon RSS), and,
+    with three sizes or more, over the second largest's (``largest_over_previous``: both past
+    the size where the stream first fills its object-store budget)."""
     out: dict[str, Any] = {"bench": "scale", "targets": TARGETS, "variants": {}}
     for variant in dict.fromkeys(line["variant"] for line in lines):
         runs = sorted((x for x in lines if x["variant"] == variant and not x.get("error")),
                       key=lambda x: x["n"])
         if len(runs) < 2:
             continue
-        lo, hi = runs[0], runs[-1]
-        kinds = sorted(set(lo.get("rss_peak_process_bytes", {}))
-                       & set(hi.get("rss_peak_process_bytes", {})))
-        rss = {k: _ratio(hi["rss_peak_process_bytes"][k]["rss"],
-                         lo["rss_peak_process_bytes"][k]["rss"]) for k in kinds}
-        r = {"n": [lo["n"], hi["n"]],
-             "peak_object_store": _ratio(hi["peak_object_store_bytes"],
-                                         lo["peak_object_store_bytes"]),
-             "peak_rss_anon_total": _ratio(hi.get("rss_anon_peak_total_bytes"),
-                                           lo.get("rss_anon_peak_total_bytes")),
-             "peak_rss_process": rss,
-             "spilled_bytes_max": max(x.get("spilled_bytes") or 0 for x in runs),
-             "t_first_step": _ratio(hi["t_first_step_s"], lo["t_first_step_s"]),
-             "data_rows_per_s": _ratio(hi["data_rows_per_s"], lo["data_rows_per_s"])}
-        judged = [rss.get(k) for k in JUDGED_KINDS]
-        memory = [v for v in (r["peak_object_store"], r["peak_rss_anon_total"], *judged)
-                  if v is not None]
-        r["met"] = {
-            "peak_memory": bool(memory) and max(memory) <= TARGETS["peak_memory_max_ratio"],
-            "nothing_spilled": r["spilled_bytes_max"] == 0,
-            "t_first_step": r["t_first_step"] is not None
-            and r["t_first_step"] <= TARGETS["t_first_step_max_ratio"],
-            "data_rows_per_s": r["data_rows_per_s"] is not None
-            and r["data_rows_per_s"] >= TARGETS["data_rows_per_s_min_ratio"]}
+        r = _pair(runs[0], runs[-1])
+        if len(runs) > 2:
+            r["largest_over_previous"] = _pair(runs[-2], runs[-1])
+        r["spilled_bytes_max"] = max(x.get("spilled_bytes") or 0 for x in runs)
+        r["met"]["nothing_spilled"] = r["spilled_bytes_max"] == 0
         out["variants"][variant] = r
     return out
 
@@ -450,7 +462,11 @@ def plot(lines: list[dict[str, Any]], path: Path) -> None:
                 axes[1].plot(ns, [(y or 0) / mib for y in ys], style, color=c, marker=".",
                              label=f"{v}: {kind}")
     if ok:
-        axes[0].axhline(ok[0]["store_cap_bytes"] / mib, color="grey", lw=0.8, label="store cap")
+        cap = ok[0]["store_cap_bytes"] / mib
+        axes[0].axhline(cap, color="grey", lw=1.2, label="store cap")
+        axes[0].axhline(cap / 2, color="grey", lw=0.8, ls=":",
+                        label="Ray Data's default budget (half the store)")
+        axes[0].set_ylim(0, cap * 1.08)
     titles = ("object store (MiB)", "RSS (MiB): summed anon; largest single process")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
