@@ -52,7 +52,7 @@ from vlmray.data.curation.twopass import (
     read_staged,
     stage_once,
 )
-from vlmray.data.curation.writers import write_shards_streamed
+from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.storage import exists, filesystem, join, open_write, remove
 

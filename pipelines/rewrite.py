@@ -2,7 +2,7 @@
 with a counted fallback reason) -> shards in input order + stats.json, as one stream.
 
 Nothing is materialised: the plan runs once, straight into the streamed shard writer
-(:func:`~vlmray.data.curation.writers.write_shards_streamed`), and every figure of stats.json
+(:func:`~vlmray.data.curation.piece_writer.write_shards_streamed`), and every figure of stats.json
 (rows, fallbacks, tokens, examples) comes from its small per-batch summaries. The rows read
 are counted by row id where they are read (a :class:`~vlmray.data.stream.StreamTally` actor,
 one bit a row), so rows in = rows after rewriting = rows written = distinct row ids is
@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
-from vlmray.data.curation.writers import WriteConfig, write_shards_streamed
+from vlmray.data.curation.piece_writer import write_shards_streamed
+from vlmray.data.curation.writers import WriteConfig
 from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
 from vlmray.data.synthetic import SyntheticConfig
 from vlmray.rewrite.config import RewriteConfig

@@ -16,18 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmray.data import schema
-from vlmray.data.curation import writers
-from vlmray.data.curation.writers import (
+from vlmray.data.curation import piece_writer
+from vlmray.data.curation.piece_writer import (
     PIECES,
     PieceIndex,
-    WriteConfig,
     assemble_shard,
-    encode_rows,
     plan_shards,
     segments,
     write_piece,
     write_shards_streamed,
 )
+from vlmray.data.curation.writers import WriteConfig, encode_rows
 from vlmray.data.storage import exists, filesystem, join, remove, write_bytes_atomic
 
 FILES, PER_FILE = 3, 23           # 69 rows; every 4th rejected -> 52 kept
@@ -106,7 +105,7 @@ def test_scattered_ids_are_merged_into_at_most_max_runs() -> None:
     ids = np.arange(0, 4000, 2, dtype=np.int64)[::-1]            # 2000 runs of one id
     kept = ids % 3 != 0
     lo, hi, n = segments(ids, kept)
-    assert len(lo) <= writers.MAX_RUNS and n.sum() == kept.sum() and (lo[1:] > hi[:-1]).all()
+    assert len(lo) <= piece_writer.MAX_RUNS and n.sum() == kept.sum() and (lo[1:] > hi[:-1]).all()
     run = np.searchsorted(lo, ids[kept], side="right") - 1       # each kept id's run
     assert (ids[kept] <= hi[run]).all()
 
@@ -114,11 +113,11 @@ def test_scattered_ids_are_merged_into_at_most_max_runs() -> None:
 def test_merged_runs_that_overlap_other_pieces_still_give_the_same_shards(
         tmp_path, monkeypatch) -> None:
     table, cfg = _rows(), WriteConfig(shard_size=5)
-    monkeypatch.setattr(writers, "MAX_RUNS", 2)                    # coarse runs overlap
+    monkeypatch.setattr(piece_writer, "MAX_RUNS", 2)                    # coarse runs overlap
     rows = np.arange(table.num_rows)
     blocks = [table.take(pa.array(rows[rows % 3 == r])) for r in range(3)]
     index = _local_write(blocks, str(tmp_path), cfg)
-    assert len(writers._clusters(index)[0]) < len(index.lo)       # runs were merged
+    assert len(piece_writer._clusters(index)[0]) < len(index.lo)       # runs were merged
     assert _shards(str(tmp_path)) == _expected(table, cfg)
 
 
