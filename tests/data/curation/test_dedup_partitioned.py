@@ -21,6 +21,7 @@ import pytest
 
 from vlmray.data import schema
 from vlmray.data.curation import dedup_partitioned as dp
+from vlmray.data.curation import scatter as sc
 from vlmray.data.curation.dedup import (
     DUPLICATE_IMAGE,
     DUPLICATE_KEY,
@@ -180,7 +181,7 @@ def test_every_reason_and_cross_partition_chains(tmp_path: Path) -> None:
     near = [r for r, (w, _) in want.items() if w == NEAR_DUPLICATE_IMAGE]
     key_row = dict(zip(live[schema.KEY], live[schema.ROW_ID]))
     phash = dict(zip(live[schema.ROW_ID].tolist(), live[schema.PHASH]))
-    parts = {r: int(dp.partition_of(np.array([phash[r]]), 16, np.array([r]))[0]) for r in phash}
+    parts = {r: int(sc.partition_of(np.array([phash[r]]), 16, np.array([r]))[0]) for r in phash}
     crossing = [r for r in near if parts[r] != parts[key_row[want[r][1]]]]
     assert len(crossing) > 20
 
@@ -191,7 +192,7 @@ def test_every_reason_and_cross_partition_chains(tmp_path: Path) -> None:
 def test_partition_of_is_stable_across_processes_and_spreads_empty_values() -> None:
     values = np.array(["a", "b", "a", "", None, "", "c"] * 30, dtype=object)
     ids = np.arange(len(values), dtype=np.int64)
-    parts = dp.partition_of(values, 16, ids)
+    parts = sc.partition_of(values, 16, ids)
     assert len(set(parts[values == "a"].tolist())) == 1
     assert len(set(parts[(values == "") | np.equal(values, None)].tolist())) > 8   # by ROW_ID
     code = ("import numpy as np; from vlmray.data.curation.dedup_partitioned import "
@@ -206,22 +207,22 @@ def test_partition_of_is_stable_across_processes_and_spreads_empty_values() -> N
 def test_scatter_writes_a_row_group_per_partition_and_gather_reads_one(tmp_path: Path) -> None:
     ids = np.arange(100, dtype=np.int64)
     part = (ids * 7) % 5
-    chunks = [(dp.to_table({schema.ROW_ID: ids[:60], schema.KEY: ids[:60].astype(str)}), part[:60]),
-              (dp.to_table({schema.ROW_ID: ids[60:], schema.KEY: ids[60:].astype(str)}),
+    chunks = [(sc.to_table({schema.ROW_ID: ids[:60], schema.KEY: ids[:60].astype(str)}), part[:60]),
+              (sc.to_table({schema.ROW_ID: ids[60:], schema.KEY: ids[60:].astype(str)}),
                part[60:] + 5)]
-    uri = dp.scatter(str(tmp_path / "s.parquet"), chunks)
+    uri = sc.scatter(str(tmp_path / "s.parquet"), chunks)
     assert pq.ParquetFile(uri).num_row_groups == 10
     for q in range(10):
-        got = dp.gather([uri], q, [schema.ROW_ID, schema.KEY])
+        got = sc.gather([uri], q, [schema.ROW_ID, schema.KEY])
         want = [i for i in range(100) if (part[i] + (5 if i >= 60 else 0)) == q]
         assert sorted(got[schema.ROW_ID].to_pylist()) == want
-    assert dp.gather([uri], 11, [schema.ROW_ID]).num_rows == 0
-    assert dp.gather([uri], None, [schema.ROW_ID]).num_rows == 100
-    assert dp.scatter(str(tmp_path / "empty.parquet"), []) is None
-    pq.write_table(pa.table({schema.ROW_ID: ids, dp.PART: pa.array(part, pa.int32())}),
+    assert sc.gather([uri], 11, [schema.ROW_ID]).num_rows == 0
+    assert sc.gather([uri], None, [schema.ROW_ID]).num_rows == 100
+    assert sc.scatter(str(tmp_path / "empty.parquet"), []) is None
+    pq.write_table(pa.table({schema.ROW_ID: ids, sc.PART: pa.array(part, pa.int32())}),
                    tmp_path / "mixed.parquet")
     with pytest.raises(ValueError, match="row group"):
-        dp.gather([str(tmp_path / "mixed.parquet")], 0, [schema.ROW_ID])
+        sc.gather([str(tmp_path / "mixed.parquet")], 0, [schema.ROW_ID])
 
 
 @pytest.mark.parametrize("n,threshold,parts", [(1000, 4, 3), (10**8, 4, 200), (10**9, 8, 200),
