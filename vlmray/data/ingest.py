@@ -232,29 +232,6 @@ def _default_cache(rejects_uri: str | None) -> str:
     return tempfile.mkdtemp(prefix="vlmray-curation-")
 
 
-def _fallback_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One batch -> (summary key, reason, n) rows, for a small ``take_all``."""
-    rows = [(k, r, n) for k, c in count_fallbacks(batch).items() for r, n in c.items()]
-    return {"key": np.asarray([r[0] for r in rows], dtype=object),
-            "reason": np.asarray([r[1] for r in rows], dtype=object),
-            "n": np.asarray([r[2] for r in rows], dtype=np.int64)}
-
-
-def fallback_totals(ds: ray.data.Dataset) -> dict[str, dict[str, int]]:
-    """:func:`count_fallbacks` over a whole dataset (all rows, rejected ones included: the
-    rewrite stages ran on them); {} when it has no fallback columns."""
-    cols = [c for c in FALLBACK_COLUMNS if c in ds.columns()]
-    if not cols:
-        return {}
-    out: dict[str, dict[str, int]] = {FALLBACK_COLUMNS[c]: {} for c in cols}
-    small = ds.select_columns(cols).map_batches(_fallback_rows, batch_format="numpy",
-                                                batch_size=4096)
-    for row in small.take_all():
-        counts = out[str(row["key"])]
-        counts[str(row["reason"])] = counts.get(str(row["reason"]), 0) + int(row["n"])
-    return {k: dict(sorted(v.items())) for k, v in out.items()}
-
-
 @dataclass
 class IngestResult:
     train: ray.data.Dataset
@@ -264,7 +241,7 @@ class IngestResult:
     reject_reasons: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, dict[str, int]] = field(default_factory=dict)
     """``rewrite_fallbacks`` / ``caption_fallbacks`` (reason -> count, ``kept`` included) when
-    ``data.rewrite`` ran as a prefix (:func:`fallback_totals`)."""
+    ``data.rewrite`` ran as a prefix (:class:`vlmray.data.stream.StreamTally`)."""
 
     def summary(self) -> dict[str, object]:
         return {"rows_in": self.rows_in, "rows_accepted": self.rows_accepted,
@@ -290,5 +267,5 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
 
 __all__ = ["DecodeStage", "EXTRA_TEXT_COLUMNS", "FALLBACK_COLUMNS", "IngestResult",
            "REGION_COLUMNS", "TRAIN_COLUMNS", "build_ingest", "count_fallbacks",
-           "source_plan", "decode_spec", "fallback_totals", "read_shards", "run_ingest",
+           "source_plan", "decode_spec", "read_shards", "run_ingest",
            "stream_ingest", "tokenizer_for", "train_columns"]

@@ -14,7 +14,7 @@ as a streaming prefix of training ingest.
 
     check_rewrite(cfg)                 # before Ray starts: bad backend / missing model fail now
     ds = rewrite_plan(ds, cfg)
-    fallback_counts(ds)                # {"rewrites": {...}, "captions": {...}}
+    fallback_tallies(totals)           # {"rewrites": {...}, "captions": {...}} from counts
 """
 
 from __future__ import annotations
@@ -181,18 +181,10 @@ def _tally(counts: dict[str, int]) -> dict[str, Any]:
 def fallback_tallies(totals: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
     """``{"rewrites": tally, "captions": tally}`` (a tally: total, kept, fell_back,
     skipped_rejected, by_reason) from reason counts keyed as
-    :func:`vlmray.data.ingest.count_fallbacks` gives them (summed over any batches)."""
+    :func:`vlmray.data.stream.count_fallbacks` gives them (summed over any batches)."""
     return {"rewrites": _tally(totals.get("rewrite_fallbacks", {})),
             "captions": _tally(totals.get("caption_fallbacks", {}))}
 
 
-def fallback_counts(ds: ray.data.Dataset) -> dict[str, dict[str, Any]]:
-    """:func:`fallback_tallies` over a dataset after :func:`rewrite_plan`, from the same
-    count the training summary uses (:func:`vlmray.data.ingest.fallback_totals`)."""
-    from vlmray.data.ingest import fallback_totals
-
-    return fallback_tallies(fallback_totals(ds))
-
-
-__all__ = ["CAPTION_TOKENS_OUT", "REWRITE_TOKENS", "check_rewrite", "fallback_counts",
+__all__ = ["CAPTION_TOKENS_OUT", "REWRITE_TOKENS", "check_rewrite",
            "fallback_tallies", "prepare_batch", "rewrite_plan", "validate_batch"]

@@ -9,7 +9,8 @@ key stay, so nothing is lost). Repairs (e.g. ``exif_rotated``) are appended to `
 
 A :class:`GlobalStage` needs the whole dataset at once (deduplication, keep-top-fraction): it
 reads a few small columns of all live rows and returns :class:`Decisions`, which
-:class:`ApplyDecisions` marks on the rows.
+:class:`vlmray.data.curation.twopass.FileDecisions` marks on the rows, one input file at a
+time.
 
     ds = apply_stage(ds, TextStage(cfg.text))          # a Ray Data map_batches
     batch = TextStage(cfg.text)(batch)                 # or plain Python on a NumPy batch
@@ -281,23 +282,6 @@ class GlobalStage:
         raise NotImplementedError
 
 
-class ApplyDecisions(Stage):
-    """Marks the rows a :class:`GlobalStage` decided to reject (a cheap, stateless map)."""
-
-    fills: ClassVar[dict[str, Any]] = {schema.DUPLICATE_OF: ""}
-    resources = Resources(num_cpus=0.25, batch_size=1024)
-
-    def __init__(self, name: str, decisions: Decisions) -> None:
-        self.name = name  # type: ignore[misc]  # the deciding stage's name, for accounting
-        self.decisions = decisions
-
-    def process(self, batch: Batch) -> StageOutput:
-        reasons, dups = self.decisions.lookup(np.asarray(batch[schema.ROW_ID], dtype=np.int64))
-        if schema.DUPLICATE_OF in batch:
-            dups = np.where(dups == "", batch[schema.DUPLICATE_OF], dups).astype(object)
-        return StageOutput(columns={schema.DUPLICATE_OF: dups}, reasons=reasons)
-
-
-__all__ = ["ApplyDecisions", "Batch", "Decisions", "GlobalStage", "Resources", "Stage",
+__all__ = ["Batch", "Decisions", "GlobalStage", "Resources", "Stage",
            "StageActor", "StageOutput", "apply_stage", "as_str_column", "filled", "mark_rejected",
            "num_rows", "with_bookkeeping"]
