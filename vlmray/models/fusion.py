@@ -7,36 +7,63 @@ own one of these and call it on (text tokens, image tokens, text mask).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 
-class FusionLayer(nn.Module):
-    """Pre-norm block: self-attention over text, cross-attention to the image, then an MLP.
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to the image, MLP.
 
-        x <- x + SelfAttn(LN(x), mask);  x <- x + CrossAttn(LN(x), image);  x <- x + MLP(LN(x))
+        x <- x + SelfAttn(LN(x), padding);  [x <- x + CrossAttn(LN(x), LN(image))];
+        x <- x + MLP(LN(x))
+
+    ``cross=True`` is the fusion block (text attends to itself, then to the image tokens);
+    ``cross=False`` the plain self-attention block (FLAVA's multimodal encoder, MAE's decoder).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    _LEGACY_KEYS = (("norm_attn.", "norm_self."), ("attn.", "self_attn."))
+    """(old, new) state-dict key prefixes: the self-attention-only block's earlier names."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *,
+                 cross: bool = False) -> None:
         super().__init__()
         if dim % heads != 0:
-            raise ValueError(f"FusionLayer: dim={dim} is not divisible by heads={heads}")
+            raise ValueError(f"{type(self).__name__}: dim={dim} is not divisible by heads={heads}")
         hidden = max(1, int(dim * mlp_ratio))
+        self.cross = cross
         self.norm_self = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_cross = nn.LayerNorm(dim)
-        self.norm_image = nn.LayerNorm(dim)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.norm_image = nn.LayerNorm(dim)
+            self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, text: Tensor, image: Tensor, padding: Tensor | None) -> Tensor:
-        """text (B, L, D), image (B, N, D), padding (B, L) bool, True = ignore -> (B, L, D)."""
-        h = self.norm_self(text)
-        text = text + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
-        h, kv = self.norm_cross(text), self.norm_image(image)
-        text = text + self.cross_attn(h, kv, kv, need_weights=False)[0]
-        return text + self.mlp(self.norm_mlp(text))
+    def forward(self, x: Tensor, padding: Tensor | None = None,
+                image: Tensor | None = None) -> Tensor:
+        """x (B, T, D), padding (B, T) bool, True = never attended to, image (B, N, D) (needed
+        exactly when ``cross``) -> (B, T, D)."""
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        if self.cross:
+            if image is None:
+                raise ValueError("a cross-attention TransformerLayer needs image tokens (B, N, D)")
+            h, kv = self.norm_cross(x), self.norm_image(image)
+            x = x + self.cross_attn(h, kv, kv, need_weights=False)[0]
+        elif image is not None:
+            raise ValueError("a TransformerLayer without cross-attention takes no image tokens")
+        return x + self.mlp(self.norm_mlp(x))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        """Loads checkpoints written before the two blocks were one (``norm_attn`` / ``attn``)."""
+        for old, new in self._LEGACY_KEYS:
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FusionEncoder(nn.Module):
@@ -54,7 +81,8 @@ class FusionEncoder(nn.Module):
             raise ValueError(f"FusionEncoder needs dim, layers, heads >= 1; got {dim}, {layers}, "
                              f"{heads}")
         self.dim = dim
-        self.layers = nn.ModuleList(FusionLayer(dim, heads, mlp_ratio) for _ in range(layers))
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, mlp_ratio, cross=True)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None) -> Tensor:
@@ -72,32 +100,12 @@ class FusionEncoder(nn.Module):
                                  f"match text {tuple(text.shape[:2])}")
             padding = ~text_mask.bool()
         for layer in self.layers:
-            text = layer(text, image, padding)
+            text = layer(text, padding, image)
         return self.norm(text)
 
     def pooled(self, text: Tensor, image: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """The pair representation: the first position's fused state, (B, D)."""
         return self(text, image, text_mask)[:, 0]
-
-
-class SelfAttentionLayer(nn.Module):
-    """Pre-norm transformer block: x <- x + SelfAttn(LN(x), padding); x <- x + MLP(LN(x))."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"SelfAttentionLayer: dim={dim} is not divisible by heads={heads}")
-        hidden = max(1, int(dim * mlp_ratio))
-        self.norm_attn = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
-        """x (B, T, D), padding (B, T) bool, True = never attended to -> (B, T, D)."""
-        h = self.norm_attn(x)
-        x = x + self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
-        return x + self.mlp(self.norm_mlp(x))
 
 
 class MultimodalEncoder(nn.Module):
@@ -120,7 +128,7 @@ class MultimodalEncoder(nn.Module):
         nn.init.normal_(self.cls, std=0.02)
         self.image_in = nn.Linear(dim, dim)
         self.text_in = nn.Linear(dim, dim)
-        self.layers = nn.ModuleList(SelfAttentionLayer(dim, heads, mlp_ratio)
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, mlp_ratio)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
@@ -147,4 +155,4 @@ class MultimodalEncoder(nn.Module):
         return x[:, 0], x[:, 1:1 + n], x[:, 1 + n:]
 
 
-__all__ = ["FusionEncoder", "FusionLayer", "MultimodalEncoder", "SelfAttentionLayer"]
+__all__ = ["FusionEncoder", "MultimodalEncoder", "TransformerLayer"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlmray.models.fusion import SelfAttentionLayer
+from vlmray.models.fusion import TransformerLayer
 from vlmray.models.towers import visible_index
 
 
@@ -94,7 +94,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sincos_2d(*self.grid, dim), persistent=False)  # (N, dim)
-        self.blocks = nn.ModuleList(SelfAttentionLayer(dim, heads, mlp_ratio)
+        self.blocks = nn.ModuleList(TransformerLayer(dim, heads, mlp_ratio)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.patch * self.patch * 3)
