@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import vlmray.objectives.contrastive.unicl  # noqa: F401  (registers "unicl")
 from tests.distributed._spawn import run_gloo
+from tests.objectives._two_process import assert_matches_one, ddp_average
 from tests.objectives.test_clip import TinyClip
 from vlmray._registry import UnknownNameError
 from vlmray.data.schema import LABEL
@@ -150,14 +151,9 @@ def _worker(rank: int, world_size: int, state: dict, pixels: Tensor, tokens: Ten
     """Each rank: its N/W rows, its loss, backward; then the DDP average of loss and grads."""
     dist = Dist.current()
     rows = slice(rank * N // world_size, (rank + 1) * N // world_size)
-    out = {}
-    for mode in MODES:
-        loss, grads = _loss_and_grads(state, pixels[rows], tokens[rows], labels[rows], mode, dist)
-        for grad in grads.values():
-            torch.distributed.all_reduce(grad)
-            grad /= world_size
-        out[mode] = (dist.all_reduce_mean(loss).item(), grads)
-    return out
+    return {mode: ddp_average(*_loss_and_grads(state, pixels[rows], tokens[rows], labels[rows],
+                                               mode, dist), dist)
+            for mode in MODES}
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +164,5 @@ def two_process() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("mode", MODES)
 def test_two_processes_match_one(two_process: list[dict[str, Any]], mode: str) -> None:
     """Same loss and same DDP-averaged gradients as one process on the full batch."""
-    loss, grads = _loss_and_grads(*_setup(), "global", Dist())
-    for res in two_process:
-        dist_loss, dist_grads = res[mode]
-        assert dist_loss == pytest.approx(loss, abs=1e-10)
-        for name, grad in grads.items():
-            torch.testing.assert_close(dist_grads[name], grad, atol=1e-10, rtol=0, msg=name)
+    assert_matches_one([res[mode] for res in two_process],
+                       *_loss_and_grads(*_setup(), "global", Dist()))
