@@ -20,7 +20,8 @@ from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, MLM_STATES, TEXT_VIEW_EMBEDS, Outputs
 from vlmray.objectives import ObjectiveSpec, SetupContext, build_objective, validate_spec
-from vlmray.objectives.contrastive.declip_ssl import MLMLoss, SimSiamLoss
+from vlmray.objectives.contrastive.simsiam import SimSiamLoss
+from vlmray.objectives.generative.mlm import MLMLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N, W, D, V, C, L, VOCAB = 8, 2, 6, 2, 5, 7, 11

@@ -15,6 +15,20 @@ if TYPE_CHECKING:
     from vlmray.models.outputs import Outputs
 
 
+def require(out: Outputs, name: str, objective: str) -> Tensor:
+    """``out.<name>``, or a clear error when the model did not produce it."""
+    value = getattr(out, name, None)
+    if value is None:
+        raise ValueError(f"objective {objective!r} needs Outputs.{name}; the model returned None")
+    return value
+
+
+def not_set_up(objective: str, part: str) -> ValueError:
+    """The error for an objective used before ``setup`` created its ``part`` (a head...)."""
+    return ValueError(f"objective {objective!r} has no {part} yet: call setup(SetupContext) "
+                      "first (ObjectiveMix.setup does, before the optimiser is built)")
+
+
 @dataclass(frozen=True)
 class SetupContext:
     """What an objective may size its own parameters from, given once before the optimiser is
@@ -78,4 +92,4 @@ class Objective(nn.Module):
         return {}
 
 
-__all__ = ["LossResult", "Objective", "SetupContext"]
+__all__ = ["LossResult", "Objective", "SetupContext", "not_set_up", "require"]

@@ -52,8 +52,7 @@ from torch import Tensor, nn
 from vlmray.data import schema
 from vlmray.models.fiber import FIBER_IMAGE_IN, FIBER_INPUTS, FIBER_TEXT_IN
 from vlmray.models.fusion import FusionEncoder
-from vlmray.objectives.base import LossResult, Objective, SetupContext
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

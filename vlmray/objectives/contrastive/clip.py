@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmray.objectives.base import LossResult, Objective
+from vlmray.objectives.base import LossResult, Objective, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -26,14 +26,6 @@ if TYPE_CHECKING:
     from vlmray.models.outputs import Outputs
 
 Gather = Literal["local", "global", "local_nograd"]
-
-
-def require(out: Outputs, name: str, objective: str) -> Tensor:
-    """``out.<name>``, or a clear error when the model did not produce it."""
-    value = getattr(out, name, None)
-    if value is None:
-        raise ValueError(f"objective {objective!r} needs Outputs.{name}; the model returned None")
-    return value
 
 
 @register_objective("clip")
@@ -118,4 +110,4 @@ class ClipLoss(Objective):
         return dict(zip(("acc_i2t", "acc_t2i", "logit_scale"), values))
 
 
-__all__ = ["ClipLoss", "require"]
+__all__ = ["ClipLoss"]

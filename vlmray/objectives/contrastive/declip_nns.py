@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import NN_TEXT_EMBEDS
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

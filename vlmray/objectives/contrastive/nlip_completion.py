@@ -61,8 +61,8 @@ from torch import Tensor, nn
 from vlmray.data import schema
 from vlmray.models.decoder import TextDecoder
 from vlmray.models.outputs import COMPLETION_EMBEDS
-from vlmray.objectives.base import LossResult, SetupContext
-from vlmray.objectives.contrastive.clip import ClipLoss, require
+from vlmray.objectives.base import LossResult, SetupContext, require
+from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.nlip import NlipLoss
 from vlmray.objectives.registry import register_objective
 

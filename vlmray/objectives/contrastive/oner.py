@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.oner import ONER_MIXED_EMBEDS, ONER_PAIRED_EMBEDS, ONER_PARTNER
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import ClipLoss, require
+from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmray.objectives.base import LossResult, Objective, SetupContext
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import ClipLoss, require
+from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

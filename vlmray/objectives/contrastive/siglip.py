@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from vlmray.data.schema import LABEL
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models.decoder import AttentionalPooler, TextDecoder
-from vlmray.objectives.base import LossResult, Objective, SetupContext
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 from vlmray.data import schema
 from vlmray.data.tokenize import EOS
 from vlmray.models.encdec import EncoderDecoder
-from vlmray.objectives.base import LossResult, Objective, SetupContext
-from vlmray.objectives.contrastive.clip import require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require
 from vlmray.objectives.generative.caption import check_eval_config, image_tokens, token_nll
 from vlmray.objectives.registry import register_objective
 

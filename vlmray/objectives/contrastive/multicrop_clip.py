@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import ClipLoss, Gather, require
+from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.contrastive.clip import ClipLoss, Gather
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ views' L2-normalised embeddings, s the learned inverse temperature and N the glo
     L_CLIP(u, v) = 1/(2N) sum_i [ -log softmax_j(s u_i.v_j)[i] - log softmax_j(s v_i.u_j)[i] ]
 
 The (x, t) term is CLIP's own loss, so ``declip_mv`` replaces ``clip`` in a recipe. DeCLIP's
-image and text self-supervision live in ``declip_ssl`` (``simsiam``, ``mlm``); its
-nearest-neighbour supervision in ``declip_nns``.
+image and text self-supervision are ``simsiam`` and ``mlm`` (``contrastive/simsiam.py``,
+``generative/mlm.py``); its nearest-neighbour supervision is ``declip_nns``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective
-from vlmray.objectives.contrastive.clip import ClipLoss, Gather, require
+from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.contrastive.clip import ClipLoss, Gather
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
