@@ -31,6 +31,7 @@ import ray
 
 import vlmray
 from tests.plugins.ray_head import kill_pids, node_env, pids_mentioning, session_members
+from tests.train.test_pipeline_ray import TINY_MODEL
 from vlmray.train.checkpoint import find_latest
 from vlmray.train.history import read_events, read_history
 from vlmray.train.loop import FAULT_AT_STEP_ENV
@@ -44,10 +45,7 @@ SMALL = {
     "train.batch_size": 32, "train.log_every": 2, "train.checkpoint_every": 4,
     "eval.every": 0, "eval.max_samples": 60, "data.synthetic.num_train": 400,
     "data.synthetic.num_eval": 60, "data.synthetic.shard_size": 200,
-    "model.vision_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    "model.text": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "intermediate_size": 64},
-    "model.embed_dim": 32,
+    **TINY_MODEL,
 }
 
 

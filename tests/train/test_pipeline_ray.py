@@ -17,15 +17,19 @@ import vlmray
 from vlmray.train.history import read_history
 
 REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {
+    "model.vision_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    "model.text": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "intermediate_size": 64},
+    "model.embed_dim": 32,
+}
+"""A one-layer ViT and BERT at width 32: the model of the Ray end-to-end runs."""
 SMALL = {
     "train.steps": 8, "train.batch_size": 32, "train.log_every": 2, "train.checkpoint_every": 4,
     "eval.every": 4, "eval.max_samples": 60, "data.synthetic.num_train": 400,
     "data.synthetic.num_eval": 60, "data.synthetic.shard_size": 200,
     "data.synthetic.corrupt_frac": 0.02, "data.synthetic.overlong_frac": 0.02,
-    "model.vision_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    "model.text": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "intermediate_size": 64},
-    "model.embed_dim": 32,
+    **TINY_MODEL,
 }
 
 

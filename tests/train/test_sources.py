@@ -22,6 +22,7 @@ import torch
 
 import vlmray
 from tests.distributed._spawn import run_gloo
+from tests.train.test_pipeline_ray import TINY_MODEL
 from vlmray.api import resolve_sources
 from vlmray.config import ConfigError, DataConfig, apply_overrides, validate
 from vlmray.data.sources import builtin_config, choose_source, source_probabilities
@@ -224,10 +225,7 @@ TINY = {
     "data.synthetic.num_eval": 40, "data.synthetic.shard_size": 160,
     "data.synthetic.corrupt_frac": 0.02,
     "data.extra_sources": ["builtin:1?num_train=160&mismatch_frac=0.25&corrupt_frac=0.05"],
-    "model.vision_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    "model.text": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "intermediate_size": 64},
-    "model.embed_dim": 32,
+    **TINY_MODEL,
 }
 
 
