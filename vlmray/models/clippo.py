@@ -21,16 +21,15 @@ captions and class prompts with :func:`vlmray.data.render.render_text`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models import MODEL_ARCHS
+from vlmray.models.dual_encoder import LogitScale
 from vlmray.models.outputs import EXTRA_OUTPUTS, IMAGE_VIEW_EMBEDS, Outputs
 from vlmray.models.towers import VisionTower
 
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
     from vlmray.config import ModelConfig
 
 
-class Clippo(nn.Module):
+class Clippo(LogitScale):
     """pixels (B, 3, S, S) -> image_embeds (B, D); text pixels (B, 3, S, S) -> text_embeds (B, D),
     both through ``tower`` and ``proj`` (one set of parameters).
 
@@ -52,14 +51,7 @@ class Clippo(nn.Module):
         super().__init__()
         self.tower = tower
         self.proj = nn.Linear(tower.width, embed_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
-        bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
-        self.register_parameter("logit_bias", bias)
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+        self.init_logit_scale(init_temperature, max_logit_scale, init_logit_bias)
 
     def embed(self, pixels: Tensor, *, tokens: bool = False) -> tuple[Tensor, Tensor | None]:
         """The shared f: (normalised embeds (B, D), projected trunk features (B, N, D) or None)."""

@@ -22,7 +22,26 @@ References = tuple[Tensor, Tensor, Tensor]
 """(ref_image (B, k, D_ref), ref_text (B, k, D_ref), ref_mask (B, k)) for RA-CLIP."""
 
 
-class DualEncoder(nn.Module):
+class LogitScale(nn.Module):
+    """What every model arch shares for its losses: CLIP's learnable inverse temperature
+    ``logit_scale`` = exp(min(``log_logit_scale``, log ``max_logit_scale``)), and SigLIP's
+    learnable scalar bias ``logit_bias`` (None, registering nothing, without
+    ``init_logit_bias``: the state-dict keys then stay the plain model's)."""
+
+    def init_logit_scale(self, init_temperature: float, max_logit_scale: float,
+                         init_logit_bias: float | None) -> None:
+        """Registers ``log_logit_scale`` (= log 1/``init_temperature``) and ``logit_bias``."""
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+        bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
+        self.register_parameter("logit_bias", bias)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+
+
+class DualEncoder(LogitScale):
     """image (B, 3, H, W) -> image_embeds (B, D); tokens (B, L) -> text_embeds (B, D).
 
     ``init_logit_bias`` adds SigLIP's learnable scalar bias ``logit_bias`` (else None).
@@ -38,17 +57,9 @@ class DualEncoder(nn.Module):
         self.vision, self.text = vision, text
         self.image_proj = nn.Linear(vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
-        # SigLIP's learnable bias b; None registers nothing, so state-dict keys stay as before.
-        bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
-        self.register_parameter("logit_bias", bias)
+        self.init_logit_scale(init_temperature, max_logit_scale, init_logit_bias)
         self.pooling = pooling
         self.retrieval = retrieval  # None registers nothing: state-dict keys stay as before
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
 
     def encode_image(self, pixels: Tensor, *, tokens: bool = False,
                      refs: References | None = None) -> tuple[Tensor, Tensor | None]:

@@ -21,7 +21,6 @@ the same on every rank; the objective maps it to global columns).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models import MODEL_ARCHS
+from vlmray.models.dual_encoder import LogitScale
 from vlmray.models.extras import encode_view_extras
 from vlmray.models.outputs import MLM_STATES, Outputs
 
@@ -57,7 +57,7 @@ def mix_partner(batch_size: int, device: torch.device | None = None) -> Tensor:
     return torch.arange(batch_size, device=device).roll(-1)
 
 
-class OneR(nn.Module):
+class OneR(LogitScale):
     """One transformer for images, captions and their concatenations -> (B, D) embeddings.
 
     Exposes the dual encoder's interface (``forward(batch, needs)``, ``encode_image``,
@@ -88,16 +88,9 @@ class OneR(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
-        bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(init_logit_bias))
-        self.register_parameter("logit_bias", bias)
+        self.init_logit_scale(init_temperature, max_logit_scale, init_logit_bias)
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
 
     # --- modality-specific input embeddings --------------------------------------------------
 
