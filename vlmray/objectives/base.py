@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -52,12 +53,55 @@ class SetupContext:
     grid_h x grid_w patches of patch x patch pixels; None for towers without patches (CNNs)."""
 
 
+Metric = Tensor | float | int
+"""A training metric: a detached 0-d tensor, still on the device (no host sync), or a plain
+number. ``host_metrics`` turns a dict of them into Python numbers."""
+
+
 @dataclass
 class LossResult:
-    """A scalar loss plus detached scalar metrics for logging (names without a prefix)."""
+    """A scalar loss plus detached scalar metrics for logging (names without a prefix).
+
+    Metrics stay on the device (0-d tensors): reading one (``.item()``, ``float``) waits for
+    the device, so the training loop converts them all at once, on logging steps only
+    (``host_metrics``)."""
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+def stack_metrics(names: Iterable[str], values: Iterable[Tensor]) -> dict[str, Tensor]:
+    """``{name: value}`` for 0-d tensors ``values``, stacked into one detached tensor (one
+    copy: a buffer among them may change later) and returned as 0-d views of it. ``stack``
+    promotes them to a common dtype, as ``torch.stack(values).tolist()`` did before."""
+    return dict(zip(names, torch.stack(list(values)).detach().unbind()))
+
+
+def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every tensor moved to the host in ONE sync: the tensors are cast to
+    float64 (exact for every float dtype, and for integers up to 2**53), concatenated on one
+    device and read with a single ``.tolist()``. Each value comes back as ``.item()`` /
+    ``.tolist()`` would give it (a float, an int for integer tensors, a bool for bool ones;
+    a nested list for a tensor that is not 0-d). Other values pass through."""
+    out = dict(metrics)
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    if not keys:
+        return out
+    tensors = [metrics[k].detach() for k in keys]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+    values = flat.tolist()                                     # the one host sync
+    start = 0
+    for key, t in zip(keys, tensors):
+        chunk, start = values[start:start + t.numel()], start + t.numel()
+        if t.ndim == 0:
+            value = chunk[0]
+            out[key] = (value if t.is_floating_point() else
+                        bool(value) if t.dtype == torch.bool else int(value))
+        else:                   # not a scalar: its nested list, rebuilt on the host (no sync)
+            out[key] = torch.tensor(chunk, dtype=torch.float64).to(t.dtype).reshape(
+                t.shape).tolist()
+    return out
 
 
 class Objective(nn.Module):
@@ -92,4 +136,5 @@ class Objective(nn.Module):
         return {}
 
 
-__all__ = ["LossResult", "Objective", "SetupContext", "not_set_up", "require"]
+__all__ = ["LossResult", "Metric", "Objective", "SetupContext", "host_metrics", "not_set_up",
+           "require", "stack_metrics"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from vlmray.objectives.base import LossResult, Objective, SetupContext
+from vlmray.objectives.base import LossResult, Metric, Objective, SetupContext
 from vlmray.objectives.registry import ObjectiveSpec, build_objective, validate_specs
 
 if TYPE_CHECKING:
@@ -22,7 +22,8 @@ class ObjectiveMix(nn.Module):
     """L = sum_i w_i * L_i over named objectives.
 
     Metrics: ``loss`` (the weighted total), ``loss/<name>`` (each objective's unweighted L_i)
-    and each objective's own metrics as ``<name>/<metric>``.
+    and each objective's own metrics as ``<name>/<metric>``; detached 0-d tensors on the
+    device (no host sync per step): ``base.host_metrics`` reads them all in one sync.
     """
 
     def __init__(
@@ -83,16 +84,15 @@ class ObjectiveMix(nn.Module):
         return metrics
 
     def forward(self, batch: Mapping[str, Tensor], out: Outputs, dist: Dist) -> LossResult:
-        """Run each objective and combine: loss = sum_i w_i * loss_i."""
+        """Run each objective and combine: loss = sum_i w_i * loss_i. No host sync: the
+        metrics stay on the device (losses as float32, as they were always logged)."""
         results = {name: obj(batch, out, dist) for name, obj in self.objectives.items()}
         total = sum(self.weights[name] * r.loss for name, r in results.items())
-        # One host sync for all the scalars, not one per objective.
-        scalars = [total] + [r.loss for r in results.values()]
-        total_value, *losses = torch.stack([v.detach().float() for v in scalars]).tolist()
-        metrics: dict[str, float] = {"loss": total_value}
-        for (name, result), value in zip(results.items(), losses):
-            metrics[f"loss/{name}"] = value
-            metrics.update({f"{name}/{key}": v for key, v in result.metrics.items()})
+        metrics: dict[str, Metric] = {"loss": total.detach().float()}
+        for name, result in results.items():
+            metrics[f"loss/{name}"] = result.loss.detach().float()
+            metrics.update({f"{name}/{key}": v.detach() if isinstance(v, Tensor) else v
+                            for key, v in result.metrics.items()})
         return LossResult(loss=total, metrics=metrics)
 
 

@@ -26,6 +26,7 @@ from vlmray.config import Config
 from vlmray.data.sources import choose_source
 from vlmray.data.storage import arrow_filesystem, is_remote, join
 from vlmray.distributed import Dist
+from vlmray.objectives.base import Metric, host_metrics
 from vlmray.train.checkpoint import (
     PROGRESS,
     Progress,
@@ -123,8 +124,11 @@ def average_objective_grads(mix: nn.Module, dist: Dist) -> None:
         p.grad = g.view_as(p).to(p.dtype)
 
 
-def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist) -> dict[str, float]:
-    """One optimiser step; returns detached scalar metrics."""
+def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist, *,
+               host: bool = True) -> dict[str, Metric]:
+    """One optimiser step; returns its scalar metrics: Python numbers (one host sync for all of
+    them), or with ``host=False`` detached 0-d tensors still on the device (no host sync; the
+    training loop reads them with ``host_metrics`` on logging steps only)."""
     model, mix = state.model, state.mix
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if state.bf16 else nullcontext())
     batch = mix.prepare(batch)
@@ -137,12 +141,12 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist) ->
     metrics = dict(result.metrics)
     if state.grad_clip > 0:
         params = itertools.chain(model.parameters(), mix.parameters())
-        metrics["grad_norm"] = nn.utils.clip_grad_norm_(params, state.grad_clip).item()
+        metrics["grad_norm"] = nn.utils.clip_grad_norm_(params, state.grad_clip).detach()
     state.optimizer.step()
     state.scheduler.step()
     metrics.update(lr=state.scheduler.get_last_lr()[0],
-                   logit_scale=state.core.logit_scale.item())
-    return metrics
+                   logit_scale=state.core.logit_scale.detach())  # a new tensor (exp of the log)
+    return host_metrics(metrics) if host else metrics
 
 
 def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dist: Dist) -> None:
@@ -236,7 +240,7 @@ def train_fn_per_worker(config: dict) -> None:
         t_fetch = time.perf_counter()
         k, batch = streams.next(state.progress.step)
         window["wait"] += time.perf_counter() - t_fetch
-        metrics = train_step(state, batch, dist)
+        metrics = train_step(state, batch, dist, host=False)  # device tensors: no host sync
         p = state.progress
         streams.trained(k, p)
         p.step, p.samples_seen = p.step + 1, p.samples_seen + cfg.train.batch_size
@@ -258,6 +262,7 @@ def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, eval
     eval_due = done or (cfg.eval.every and p.step % cfg.eval.every == 0)
     if not (p.step % cfg.train.log_every == 0 or ckpt_due or eval_due):
         return
+    metrics = host_metrics(metrics)  # the step's one host sync, for all its scalars
     elapsed = time.perf_counter() - window["t_last"]
     metrics.update(step=p.step, epoch=p.epoch, samples_seen=p.samples_seen,
                    samples_per_s=window["steps"] * cfg.train.batch_size / elapsed,

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from vlmray.data import schema
 from vlmray.models.fiber import FIBER_IMAGE_IN, FIBER_INPUTS, FIBER_TEXT_IN
 from vlmray.models.fusion import FusionEncoder
-from vlmray.objectives.base import LossResult, Objective, SetupContext, require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ class ItmLoss(Objective):
         all_text_and_mask = dist.all_gather(text_and_mask, with_grad=True)         # (N, L, C+1)
         all_txt_tok, all_mask = all_text_and_mask[..., :-1], all_text_and_mask[..., -1].detach()
 
-        step = int(self.step.item())
+        step = int(self.step.item())  # host sync: seeds the negative sampler's generator
         neg_text, neg_image = self.sample(*embeds.unbind(dim=1), scale, step)
         rows = dist.offsets(b, device=neg_text.device)
         neg_text, neg_image = neg_text[rows], neg_image[rows]                      # (B,) each
@@ -261,11 +261,11 @@ class ItmLoss(Objective):
 
     @staticmethod
     @torch.no_grad()
-    def metrics(logits: Tensor, labels: Tensor, b: int) -> dict[str, float]:
+    def metrics(logits: Tensor, labels: Tensor, b: int) -> dict[str, Tensor]:
         """ITM accuracy over the 3B pairs, and on the positives / negatives alone."""
         hit = (logits.argmax(dim=1) == labels).double()
-        values = torch.stack([hit.mean(), hit[:b].mean(), hit[b:].mean()]).tolist()
-        return dict(zip(("acc", "acc_pos", "acc_neg"), values))
+        return stack_metrics(("acc", "acc_pos", "acc_neg"),
+                             (hit.mean(), hit[:b].mean(), hit[b:].mean()))
 
     # --- held-out evaluation ------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models.regions import pool_regions
-from vlmray.objectives.base import LossResult, Objective, SetupContext, require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class RegionWordLoss(Objective):
     @staticmethod
     @torch.no_grad()
     def metrics(logits: Tensor, pos: Tensor, cols: Tensor, valid: Tensor,
-                n_valid: Tensor) -> dict[str, float]:
+                n_valid: Tensor) -> dict[str, Tensor]:
         """acc: share of this worker's valid regions whose best phrase is a positive;
         valid_frac: share of the global box slots that are valid."""
         rows = valid.flatten()
@@ -216,8 +216,7 @@ class RegionWordLoss(Objective):
         hit = pos.gather(1, best[:, None]).squeeze(1) & rows
         acc = hit.sum() / rows.sum().clamp(min=1)
         frac = n_valid / cols.numel()
-        values = torch.stack([acc.double(), frac.double()]).tolist()
-        return {"acc": values[0], "valid_frac": values[1]}
+        return stack_metrics(("acc", "valid_frac"), (acc.double(), frac.double()))
 
     def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
         """grounding_top1 / grounding_chance on the held-out boxes (``vlmray.eval.grounding``)."""

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import SYNTHETIC_TEXT_EMBEDS
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -161,6 +161,7 @@ class AlipLoss(Objective):
         x, t, c = (v.detach().to(dtype) for v in (all_x, all_t, all_c))
         sims = {"tc": (t * c).sum(-1), "xt": (x * t).sum(-1), "xc": (x * c).sum(-1)}
         if self.training:
+            # host sync (control flow): the first update starts the EMAs from the batch
             first = self.cfg.init_from_batch and int(self.ema_updates) == 0
             for pair, s in sims.items():
                 ema = getattr(self, f"ema_{pair}")
@@ -196,15 +197,14 @@ class AlipLoss(Objective):
 
     @torch.no_grad()
     def metrics(self, w: Mapping[str, Tensor], loss_text: Tensor, loss_caption: Tensor,
-                acc: Tensor) -> dict[str, float]:
+                acc: Tensor) -> dict[str, Tensor]:
         """Gate means over the global batch, the EMAs, the two terms and this rank's acc."""
         names = ["w_s", "w_t", "w_c", "gated_frac", "ema_tc", "ema_xt", "ema_xc",
                  "loss_text", "loss_caption", "acc_i2t"]
         values = [w["w_s"].mean(), w["w_t"].mean(), w["w_c"].mean(),
                   (w["w_s"] < 1.0).double().mean(), self.ema_tc, self.ema_xt, self.ema_xc,
                   loss_text, loss_caption, acc.double().mean()]
-        stacked = torch.stack([v.detach().double().reshape(()) for v in values]).tolist()
-        return dict(zip(names, stacked))
+        return stack_metrics(names, (v.detach().double().reshape(()) for v in values))
 
 
 __all__ = ["AlipLoss", "ema_update", "gate_weights"]

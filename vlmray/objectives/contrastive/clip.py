@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -102,12 +102,13 @@ class ClipLoss(Objective):
     @torch.no_grad()
     def metrics(
         per_image: Tensor, per_text: Tensor, labels: Tensor, logit_scale: Tensor
-    ) -> dict[str, float]:
-        """In-batch top-1 accuracy both ways (over this rank's rows) and the current scale s."""
+    ) -> dict[str, Tensor]:
+        """In-batch top-1 accuracy both ways (over this rank's rows) and the current scale s,
+        as float64 0-d tensors on the device (no host sync)."""
         acc_i2t = (per_image.argmax(dim=1) == labels).double().mean()
         acc_t2i = (per_text.argmax(dim=1) == labels).double().mean()
-        values = torch.stack([acc_i2t, acc_t2i, logit_scale.detach().double().reshape(())]).tolist()
-        return dict(zip(("acc_i2t", "acc_t2i", "logit_scale"), values))
+        return stack_metrics(("acc_i2t", "acc_t2i", "logit_scale"),
+                             (acc_i2t, acc_t2i, logit_scale.detach().double().reshape(())))
 
 
 __all__ = ["ClipLoss"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.contrastive.clip import ClipLoss, Gather
 from vlmray.objectives.registry import register_objective
 
@@ -114,8 +114,8 @@ class DeclipMVLoss(Objective):
             if name == "it":
                 metrics = ClipLoss.metrics(per_image, per_text, labels, logit_scale)
         total = torch.stack(losses).mean()
-        values = torch.stack([x.detach().double() for x in losses]).tolist()
-        metrics.update({f"loss_{name}": v for name, v in zip(_PAIRS, values)})
+        metrics.update(stack_metrics((f"loss_{name}" for name in _PAIRS),
+                                     (x.detach().double() for x in losses)))
         return LossResult(loss=total, metrics=metrics)
 
 

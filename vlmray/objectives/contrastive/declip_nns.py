@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.models.outputs import NN_TEXT_EMBEDS
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Metric, Objective, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class DeclipNNSLoss(Objective):
             if text is not None:
                 values.append((text.double() * nn_text.double()).sum(-1).mean())
             names = ("nn_acc", "nn_sim")[: len(values)]
-            metrics = dict(zip(names, torch.stack(values).tolist()))
+            metrics = stack_metrics(names, values)
         return LossResult(loss=loss, metrics=metrics)
 
     def queue_loss(self, image: Tensor, text: Tensor, logit_scale: Tensor,
@@ -110,11 +110,12 @@ class DeclipNNSLoss(Objective):
         """NN(V) from the queue as it was before this step; then this step's texts go in."""
         text = text.detach().float()                                        # (B, D)
         self._ensure_queue(text.shape[1], text.device)
-        if int(self.queue_count) == 0:
+        filled = int(self.queue_count)  # host sync (control flow): rows to search, if any
+        if filled == 0:
             self.enqueue(dist.all_gather(text, with_grad=False))
             empty = (logit_scale * image).sum() * 0.0  # keeps the graph: every grad is 0
             return LossResult(loss=empty, metrics=self._queue_metrics(0.0, 0.0, empty=True))
-        nn_local, nn_sim = self.nearest(text)                               # (B, D), (B,)
+        nn_local, nn_sim = self.nearest(text, filled)                       # (B, D), (B,)
         pairs = dist.all_gather(torch.stack((nn_local, text), dim=1), with_grad=False)
         all_nn, all_text = pairs.unbind(dim=1)                              # (N, D) each
         logits = self.logits(image, all_nn.to(image.dtype), logit_scale, dist)
@@ -123,7 +124,7 @@ class DeclipNNSLoss(Objective):
         self.enqueue(all_text)
         with torch.no_grad():
             acc = (logits.argmax(dim=1) == labels).double().mean()
-            nn_acc, sim = torch.stack([acc, nn_sim.double().mean()]).tolist()
+            nn_acc, sim = torch.stack([acc, nn_sim.double().mean()]).unbind()
         return LossResult(loss=loss, metrics=self._queue_metrics(nn_acc, sim, empty=False))
 
     def logits(self, image: Tensor, all_nn: Tensor, logit_scale: Tensor, dist: Dist) -> Tensor:
@@ -150,9 +151,10 @@ class DeclipNNSLoss(Objective):
     # --- the queue -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def nearest(self, text: Tensor) -> tuple[Tensor, Tensor]:
-        """(NN(v_i), v_i.NN(v_i)) over the filled queue rows: (B, D), (B,)."""
-        filled = self.queue[: int(self.queue_count)]                        # (F, D)
+    def nearest(self, text: Tensor, count: int | None = None) -> tuple[Tensor, Tensor]:
+        """(NN(v_i), v_i.NN(v_i)) over the ``count`` filled queue rows (default
+        ``queue_count``, read with a host sync): (B, D), (B,)."""
+        filled = self.queue[: int(self.queue_count) if count is None else count]   # (F, D)
         sim, idx = (text @ filled.T).max(dim=1)                             # (B,)
         return filled[idx], sim
 
@@ -165,8 +167,8 @@ class DeclipNNSLoss(Objective):
         slots = (self.queue_ptr + torch.arange(n, device=texts.device)) % size
         keep = slice(max(0, n - size), n)
         self.queue[slots[keep]] = texts[keep].detach().to(self.queue.dtype)
-        self.queue_ptr.fill_(int((self.queue_ptr + n) % size))
-        self.queue_count.fill_(min(int(self.queue_count) + n, size))
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+        self.queue_count.copy_((self.queue_count + n).clamp(max=size))
 
     def _ensure_queue(self, dim: int, device: torch.device) -> None:
         if self.queue.shape != (self.cfg.queue_size, dim):
@@ -175,8 +177,8 @@ class DeclipNNSLoss(Objective):
                                  f"match (queue_size, D) = ({self.cfg.queue_size}, {dim})")
             self.queue = torch.zeros(self.cfg.queue_size, dim, device=device)
 
-    def _queue_metrics(self, nn_acc: float, nn_sim: float, *, empty: bool) -> dict[str, float]:
-        fill = int(self.queue_count) / self.cfg.queue_size
+    def _queue_metrics(self, nn_acc: Metric, nn_sim: Metric, *, empty: bool) -> dict[str, Metric]:
+        fill = self.queue_count.double() / self.cfg.queue_size     # a copy: the count moves on
         return {"nn_acc": nn_acc, "nn_sim": nn_sim, "queue_fill": fill,
                 "queue_empty": float(empty)}
 

@@ -101,6 +101,7 @@ class FilipLoss(Objective):
                              f"{tuple(mask.shape)}")
         if self.cfg.drop_prefix:
             image = image[:, 1:]
+        # host sync (kept): a clear error for an image without tokens or an empty text
         if image.shape[1] == 0 or not bool(mask.any(dim=1).all()):
             raise ValueError("filip: every image needs >= 1 token and every text >= 1 unpadded "
                              f"token; got {image.shape[1]} image tokens, text lengths "

@@ -95,10 +95,13 @@ class MultiCropClipLoss(Objective):
             first = first or (per_image, per_text, labels)
         loss = torch.stack(terms).mean()
         metrics = ClipLoss.metrics(*first, scale)     # accuracies of the first image set
-        values = torch.stack([t.detach().double() for t in terms]).tolist()
+        values = list(torch.stack([t.detach().double() for t in terms]).unbind())
         if self.cfg.include_image:
             metrics["loss_image"] = values.pop(0)
-        metrics["loss_views"] = sum(values) / len(values)
+        views = values[0]
+        for v in values[1:]:            # summed in order, as Python's sum() of floats did
+            views = views + v
+        metrics["loss_views"] = views / len(values)
         return LossResult(loss=loss, metrics=metrics)
 
 

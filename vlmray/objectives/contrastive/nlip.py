@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.registry import register_objective
 
@@ -86,7 +86,8 @@ def noise_posterior(x: Tensor, means: Tensor, variances: Tensor, weights: Tensor
     """
     lo, hi = means.min(), means.max()
     x = torch.minimum(torch.maximum(x.detach().double(), lo), hi)
-    return gmm_responsibilities(x, means, variances, weights)[:, int(means.argmax())]
+    noisy = means.argmax().reshape(1)                   # a tensor index: no host sync
+    return gmm_responsibilities(x, means, variances, weights).index_select(1, noisy).squeeze(1)
 
 
 # --- the objective -------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class NlipLoss(Objective):
 
     def is_active(self) -> bool:
         """Whether noise harmonisation applies: past ``start_step`` with a fitted GMM."""
-        return bool(self.fitted) and int(self.step) >= self.cfg.start_step
+        return bool(self.fitted) and int(self.step) >= self.cfg.start_step  # host sync: a branch
 
     @torch.no_grad()
     def observe(self, pair_loss: Tensor, dist: Dist) -> bool:
@@ -234,11 +235,15 @@ class NlipLoss(Objective):
         else:
             gathered = dist.all_gather(pair_loss.detach().contiguous(), with_grad=False)
         self.enqueue(gathered)
-        since = int(self.step) - self.cfg.start_step
-        if since >= 0 and since % self.cfg.refit_every == 0 and int(self.buffer_count) >= 2:
-            self.refit()
+        # one host sync (control flow): whether to refit, and whether this step is harmonised
+        step, count, fitted = torch.stack((self.step, self.buffer_count,
+                                           self.fitted.long())).tolist()
+        since = step - self.cfg.start_step
+        if since >= 0 and since % self.cfg.refit_every == 0 and count >= 2:
+            self.refit(count)
+            fitted = True
         self.step += 1
-        return bool(self.fitted) and since >= 0
+        return bool(fitted) and since >= 0
 
     @torch.no_grad()
     def enqueue(self, losses: Tensor) -> None:
@@ -247,13 +252,14 @@ class NlipLoss(Objective):
         keep = slice(max(0, n - size), n)
         slots = (self.buffer_ptr + torch.arange(n, device=losses.device)) % size   # (N,)
         self.loss_buffer[slots[keep]] = losses[keep].to(self.loss_buffer)
-        self.buffer_ptr.fill_(int((self.buffer_ptr + n) % size))
-        self.buffer_count.fill_(min(int(self.buffer_count) + n, size))
+        self.buffer_ptr.copy_((self.buffer_ptr + n) % size)
+        self.buffer_count.copy_((self.buffer_count + n).clamp(max=size))
 
     @torch.no_grad()
-    def refit(self) -> None:
-        """Fit the GMM to the filled part of the loss buffer (same data on every rank)."""
-        filled = self.loss_buffer[: int(self.buffer_count)]
+    def refit(self, count: int | None = None) -> None:
+        """Fit the GMM to the filled part of the loss buffer (same data on every rank): its
+        ``count`` first entries (default ``buffer_count``, read with a host sync)."""
+        filled = self.loss_buffer[: int(self.buffer_count) if count is None else count]
         means, variances, weights = fit_gmm_1d(filled, iters=self.cfg.em_iters)
         self.gmm_means.copy_(means)
         self.gmm_vars.copy_(variances)
@@ -267,17 +273,16 @@ class NlipLoss(Objective):
 
     @torch.no_grad()
     def metrics(self, per_image: Tensor, per_text: Tensor, labels: Tensor,
-                logit_scale: Tensor, p_noise: Tensor) -> dict[str, float]:
+                logit_scale: Tensor, p_noise: Tensor) -> dict[str, Tensor]:
         """CLIP's in-batch accuracies and scale, the mean p_noise of this rank's rows, and the
         fitted GMM (clean/noisy means, noisy weight)."""
         acc_i2t = (per_image.argmax(dim=1) == labels).double().mean()
         acc_t2i = (per_text.argmax(dim=1) == labels).double().mean()
-        values = torch.stack([acc_i2t, acc_t2i, logit_scale.detach().double().reshape(()),
-                              p_noise.double().mean(), self.gmm_means[0], self.gmm_means[1],
-                              self.gmm_weights[1]]).tolist()
         names = ("acc_i2t", "acc_t2i", "logit_scale", "p_noise", "gmm_mean_clean",
                  "gmm_mean_noisy", "gmm_weight_noisy")
-        return dict(zip(names, values))
+        return stack_metrics(names, (acc_i2t, acc_t2i, logit_scale.detach().double().reshape(()),
+                                     p_noise.double().mean(), self.gmm_means[0],
+                                     self.gmm_means[1], self.gmm_weights[1]))
 
 
 __all__ = ["NlipLoss", "fit_gmm_1d", "noise_posterior"]

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from vlmray.data import schema
 from vlmray.models.decoder import TextDecoder
 from vlmray.models.outputs import COMPLETION_EMBEDS
-from vlmray.objectives.base import LossResult, SetupContext, require
+from vlmray.objectives.base import LossResult, SetupContext, require, stack_metrics
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.nlip import NlipLoss
 from vlmray.objectives.registry import register_objective
@@ -224,7 +224,7 @@ class NlipCompletionLoss(NlipLoss):
         finally:
             model.train(was_training)
         self.concept_embeds.copy_(emb.to(self.concept_embeds))
-        self.concept_at.fill_(int(self.step))
+        self.concept_at.copy_(self.step)
 
     # --- the concept-conditioned decoder -------------------------------------------------------
 
@@ -270,8 +270,9 @@ class NlipCompletionLoss(NlipLoss):
             raise ValueError(f"objective {self.name!r} has no model yet: call "
                              "setup(SetupContext) first (ObjectiveMix.setup does)")
         model = self._model[0]
-        at = int(self.concept_at)
-        if at < 0 or int(self.step) - at >= self.cfg.concept_refresh:
+        # one host sync (control flow): whether to refresh the concepts first
+        at, step = torch.stack((self.concept_at, self.step)).tolist()
+        if at < 0 or step - at >= self.cfg.concept_refresh:
             self.refresh_concepts(model)
         ids, concepts = self.complete(model, batch[schema.PIXELS],
                                       max_len=batch[schema.TOKENS].shape[1])
@@ -320,10 +321,10 @@ class NlipCompletionLoss(NlipLoss):
         aux = weighted_infonce(self.clip, image, completion, scale, p_noise, dist)
         loss = har + self.cfg.caption_weight * cap + self.cfg.aux_weight * aux
         metrics = self.metrics(per_image, per_text, labels, scale, p_noise)
-        extra = torch.stack([har.detach().double(), cap.detach().double(),
-                             aux.detach().double(), (p_rows > 0.5).double().sum()]).tolist()
-        metrics.update(zip(("harmonised_loss", "caption_loss", "aux_loss", "noisy_rows"),
-                           extra))
+        metrics.update(stack_metrics(
+            ("harmonised_loss", "caption_loss", "aux_loss", "noisy_rows"),
+            (har.detach().double(), cap.detach().double(), aux.detach().double(),
+             (p_rows > 0.5).double().sum())))
         return LossResult(loss=loss, metrics=metrics)
 
     # --- held-out evaluation ------------------------------------------------------------------

@@ -148,7 +148,7 @@ class OneRLoss(Objective):
                                   + F.cross_entropy(scale * paired @ all_v.T, labels))
         loss = sum(getattr(cfg, k) * v for k, v in terms.items())
         metrics = self.clip.metrics(per_image, per_text, labels, scale)
-        metrics.update({k: float(v.detach()) for k, v in terms.items()})
+        metrics.update({k: v.detach() for k, v in terms.items()})
         return LossResult(loss=loss, metrics=metrics)
 
     def _extra(self, out: Outputs, key: str) -> Tensor:

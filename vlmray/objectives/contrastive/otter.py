@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmray.objectives.base import LossResult, Objective, SetupContext, require
+from vlmray.objectives.base import LossResult, Objective, SetupContext, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -227,15 +227,14 @@ class OtterLoss(Objective):
     @staticmethod
     @torch.no_grad()
     def metrics(per_image: Tensor, per_text: Tensor, labels: Tensor, hard: Tensor, soft: Tensor,
-                target_img: Tensor) -> dict[str, float]:
+                target_img: Tensor) -> dict[str, Tensor]:
         """Top-1 accuracies, the two loss terms, and the OT targets' mean row entropy (nats)."""
         acc_i2t = (per_image.argmax(dim=1) == labels).double().mean()
         acc_t2i = (per_text.argmax(dim=1) == labels).double().mean()
         entropy = -torch.xlogy(target_img, target_img).sum(dim=1).mean()
-        values = torch.stack([acc_i2t, acc_t2i, hard.detach().double(), soft.detach().double(),
-                              entropy.double()]).tolist()
-        return dict(zip(("acc_i2t", "acc_t2i", "loss_hard", "loss_soft", "target_entropy"),
-                        values))
+        return stack_metrics(("acc_i2t", "acc_t2i", "loss_hard", "loss_soft", "target_entropy"),
+                             (acc_i2t, acc_t2i, hard.detach().double(), soft.detach().double(),
+                              entropy.double()))
 
 
 __all__ = ["OtterLoss", "sinkhorn"]

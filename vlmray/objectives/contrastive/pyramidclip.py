@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.registry import register_objective
 
@@ -208,7 +208,7 @@ class PyramidClipLoss(Objective):
     @staticmethod
     @torch.no_grad()
     def metrics(terms: dict[str, Tensor], hits: list[Tensor],
-                logit_scale: Tensor) -> dict[str, float]:
+                logit_scale: Tensor) -> dict[str, Tensor]:
         """Each pair's loss (``loss_<image>_<text>``), the peer and cross means, top-1 accuracy
         of (G, T_s) both ways over this rank's rows, and s."""
         names = [f"loss_{name}" for name in terms] + ["loss_peer", "loss_cross", "acc_i2t",
@@ -217,7 +217,7 @@ class PyramidClipLoss(Objective):
         cross = torch.stack([terms[f"{i}_{t}"] for i, t in CROSS_PAIRS]).mean()
         values = [t.double() for t in terms.values()] + [peer.double(), cross.double(), *hits,
                                                          logit_scale.detach().double().reshape(())]
-        return dict(zip(names, torch.stack(values).tolist()))
+        return stack_metrics(names, values)
 
     def _extra(self, out: Outputs, key: str, config: str) -> Tensor:
         """``out.extra[key]`` (B, V, D), or a clear error when the model skipped it."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class SigLipLoss(Objective):
     @staticmethod
     @torch.no_grad()
     def metrics(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor,
-                stats: list[tuple[Tensor, Tensor]], pairs: int) -> dict[str, float]:
+                stats: list[tuple[Tensor, Tensor]], pairs: int) -> dict[str, Tensor]:
         """Over this rank's rows: top-1 image->text accuracy (the positive is the row's largest
         logit), mean sigmoid of the positive and of the negative pairs, and t, b."""
         x, y, t, b = _upcast(image, text, scale, bias)                    # as in the blocks
@@ -123,15 +123,14 @@ class SigLipLoss(Objective):
         sig_all = torch.stack([s for _, s in stats]).sum()
         rows = image.shape[0]
         sig_pos = torch.sigmoid(pos).sum()
-        values = torch.stack([
+        names = ("acc_i2t", "pos_prob", "neg_prob", "logit_scale", "logit_bias")
+        return stack_metrics(names, (
             (pos > max_neg).double().mean(),
             sig_pos.double() / rows,
             (sig_all - sig_pos).double() / max(pairs - rows, 1),
             t.double().reshape(()),
             b.double().reshape(()),
-        ]).tolist()
-        names = ("acc_i2t", "pos_prob", "neg_prob", "logit_scale", "logit_bias")
-        return dict(zip(names, values))
+        ))
 
 
 def _sigmoid_block(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor,

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS
-from vlmray.objectives.base import LossResult, Objective, SetupContext, not_set_up, require
+from vlmray.objectives.base import (
+    LossResult,
+    Objective,
+    SetupContext,
+    not_set_up,
+    require,
+    stack_metrics,
+)
 from vlmray.objectives.contrastive.declip_mv import view_of
 from vlmray.objectives.registry import register_objective
 
@@ -106,8 +113,8 @@ class SimSiamLoss(Objective):
             # SimSiam's collapse monitor: ~1/sqrt(D) when spread out, 0 when collapsed.
             z_std = F.normalize(z1.double(), dim=-1).std(dim=0).mean()
             views_cos = F.cosine_similarity(z1.double(), z2.double(), dim=-1).mean()
-            values = torch.stack([z_std, views_cos]).tolist()
-        return LossResult(loss=loss, metrics=dict(zip(("z_std", "views_cos"), values)))
+            metrics = stack_metrics(("z_std", "views_cos"), (z_std, views_cos))
+        return LossResult(loss=loss, metrics=metrics)
 
 
 __all__ = ["SimSiamLoss", "negative_cosine"]

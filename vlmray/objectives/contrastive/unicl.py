@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from vlmray.data.schema import LABEL
-from vlmray.objectives.base import LossResult, Objective, require
+from vlmray.objectives.base import LossResult, Objective, require, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -129,17 +129,16 @@ class UniClLoss(Objective):
     @staticmethod
     @torch.no_grad()
     def metrics(per_image: Tensor, per_text: Tensor, positives: Tensor, labels: Tensor,
-                logit_scale: Tensor) -> dict[str, float]:
+                logit_scale: Tensor) -> dict[str, Tensor]:
         """Top-1 hits a positive (both ways), mean |P_i|, labelled fraction, and s."""
         def hit(logits: Tensor) -> Tensor:
             return positives.gather(1, logits.argmax(dim=1, keepdim=True)).double().mean()
 
-        values = torch.stack([
+        names = ("acc_i2t", "acc_t2i", "positives", "labelled", "logit_scale")
+        return stack_metrics(names, (
             hit(per_image), hit(per_text), positives.sum(dim=1).double().mean(),
             (labels >= 0).double().mean(), logit_scale.detach().double().reshape(()),
-        ]).tolist()
-        names = ("acc_i2t", "acc_t2i", "positives", "labelled", "logit_scale")
-        return dict(zip(names, values))
+        ))
 
 
 __all__ = ["UniClLoss", "multi_positive_nce"]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.models.decoder import AttentionalPooler, TextDecoder
-from vlmray.objectives.base import LossResult, Objective, SetupContext, require
+from vlmray.objectives.base import LossResult, Metric, Objective, SetupContext, require
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -41,15 +41,17 @@ if TYPE_CHECKING:
     from vlmray.models.outputs import Outputs
 
 
-def token_nll(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, dict[str, float]]:
+def token_nll(logits: Tensor, targets: Tensor,
+              valid: Tensor) -> tuple[Tensor, dict[str, Metric]]:
     """Mean NLL over the valid positions: logits (B, T, V), targets (B, T), valid (B, T) bool
-    -> (loss (), metrics: token accuracy and the number of tokens)."""
+    -> (loss (), metrics: token accuracy (0-d tensor) and the number of tokens)."""
+    # host sync, needed anyway: ``logits[valid]`` below sizes its output from the mask
     if not bool(valid.any()):
         raise ValueError("no real target tokens in the batch: every caption is empty")
     picked, wanted = logits[valid], targets[valid]                               # (n, V), (n,)
     loss = F.cross_entropy(picked.to(torch.promote_types(picked.dtype, torch.float32)), wanted)
     with torch.no_grad():
-        acc = (picked.argmax(-1) == wanted).double().mean().item()
+        acc = (picked.argmax(-1) == wanted).double().mean()
     return loss, {"token_acc": acc, "tokens": float(wanted.numel())}
 
 

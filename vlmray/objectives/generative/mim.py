@@ -36,7 +36,7 @@ from vlmray.data.schema import PATCH_MASK, PIXELS
 from vlmray.distributed import Dist
 from vlmray.models.mae import MAEDecoder, patchify, random_patch_mask
 from vlmray.models.outputs import MASKED_IMAGE_TOKENS
-from vlmray.objectives.base import LossResult, Objective, SetupContext
+from vlmray.objectives.base import LossResult, Objective, SetupContext, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -114,8 +114,8 @@ class PatchMasking(Objective):
         pixels = batch[PIXELS]
         b, n = pixels.shape[0], self.grid[0] * self.grid[1]
         dist = Dist.current()
-        masks = random_patch_mask(dist.world_size * b, n, self.cfg.mask_ratio,
-                                  self.generator(int(self.step.item())))
+        masks = random_patch_mask(dist.world_size * b, n, self.cfg.mask_ratio,  # host sync:
+                                  self.generator(int(self.step.item())))  # seeds the mask draw
         return {PATCH_MASK: masks[dist.rank * b:(dist.rank + 1) * b].to(pixels.device)}
 
     def advance(self) -> None:
@@ -190,8 +190,8 @@ class MimLoss(PatchMasking):
         with torch.no_grad():
             visible_mse = masked_mse(pred, target, ~mask)
             ratio = mask.double().mean()
-            values = torch.stack([visible_mse.double(), ratio]).tolist()
-        return LossResult(loss=loss, metrics=dict(zip(("visible_mse", "mask_ratio"), values)))
+            metrics = stack_metrics(("visible_mse", "mask_ratio"), (visible_mse.double(), ratio))
+        return LossResult(loss=loss, metrics=metrics)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, data: HeldOut,

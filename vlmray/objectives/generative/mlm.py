@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vlmray.data.schema import MLM_LABELS
 from vlmray.models.outputs import MLM_STATES
-from vlmray.objectives.base import LossResult, Objective, SetupContext, not_set_up
+from vlmray.objectives.base import LossResult, Objective, SetupContext, not_set_up, stack_metrics
 from vlmray.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class MLMLoss(Objective):
         with torch.no_grad():
             hits = (logits.argmax(dim=-1) == targets).double().sum()
             acc = hits / masked.sum().clamp(min=1)
-            values = torch.stack([acc, total.to(acc)]).tolist()
-        return LossResult(loss=loss, metrics=dict(zip(("acc", "masked_tokens"), values)))
+            metrics = stack_metrics(("acc", "masked_tokens"), (acc, total.to(acc)))
+        return LossResult(loss=loss, metrics=metrics)
 
     def inputs(self, batch: Mapping[str, Tensor], out: Outputs) -> tuple[Tensor, Tensor]:
         """(h (B, L, C), y (B, L) int64), or a clear error naming what is missing."""

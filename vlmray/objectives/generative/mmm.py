@@ -39,7 +39,7 @@ from vlmray.data.schema import MLM_LABELS, PATCH_MASK, PIXELS, TOKEN_MASK
 from vlmray.models.fusion import MultimodalEncoder
 from vlmray.models.mae import MAEDecoder
 from vlmray.models.outputs import MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS
-from vlmray.objectives.base import LossResult, SetupContext
+from vlmray.objectives.base import LossResult, SetupContext, stack_metrics
 from vlmray.objectives.generative.mim import PatchMasking, masked_mse, pixel_targets
 from vlmray.objectives.registry import register_objective
 
@@ -146,10 +146,10 @@ class MmmLoss(PatchMasking):
         self.advance()
         with torch.no_grad():
             acc = hits / (labels != IGNORE).sum().clamp(min=1)
-            values = torch.stack([l_mlm.detach().double(), l_mim.detach().double(), acc,
-                                  total.double()]).tolist()
-        return LossResult(loss=loss, metrics=dict(zip(("mlm", "mim", "mlm_acc", "masked_tokens"),
-                                                      values)))
+            metrics = stack_metrics(("mlm", "mim", "mlm_acc", "masked_tokens"),
+                                    (l_mlm.detach().double(), l_mim.detach().double(), acc,
+                                     total.double()))
+        return LossResult(loss=loss, metrics=metrics)
 
     def text_inputs(self, batch: Mapping[str, Tensor],
                     out: Outputs) -> tuple[Tensor, Tensor, Tensor]:

@@ -66,7 +66,7 @@ def split_caption(ids: Tensor, mask: Tensor, s: Tensor) -> tuple[Tensor, Tensor,
     target mask (B, T)); P = max s, T = max (n - s); padded slots hold id 0, mask 0."""
     n = mask.long().sum(1)                                                      # (B,)
     length = n - s                                                              # target lengths
-    p, t = int(s.max()), int(length.max())
+    p, t = torch.stack((s.max(), length.max())).tolist()   # one host sync: the shapes
     last = ids.shape[1] - 1
     j = torch.arange(p, device=ids.device)[None]                                # (1, P)
     prefix_mask = j < s[:, None]
@@ -156,13 +156,14 @@ class PaliLoss(Objective):
         if ids.shape[0] != img_tokens.shape[0]:
             raise ValueError(f"pali: {ids.shape[0]} captions for {img_tokens.shape[0]} images")
         s = self.draw_splits(word_counts(ids, mask), int(self.step.item()), dist)
+        # host sync: the step seeds the split sampler's generator
         with torch.no_grad():
             self.step += 1
         self.last_split = s
         prefix, prefix_mask, target, target_mask = split_caption(ids, mask, s)
         logits = encdec(img_tokens, prefix, prefix_mask, target[:, :-1], target_mask[:, :-1])
         loss, metrics = token_nll(logits, target[:, 1:], target_mask[:, 1:].bool())
-        metrics["prefix_words"] = s.double().mean().item()
+        metrics["prefix_words"] = s.double().mean()
         return LossResult(loss=loss, metrics=metrics)
 
     @torch.no_grad()
