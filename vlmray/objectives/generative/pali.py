@@ -155,8 +155,8 @@ class PaliLoss(Objective):
         ids, mask = batch[schema.TOKENS], batch[schema.TOKEN_MASK]               # (B, L)
         if ids.shape[0] != img_tokens.shape[0]:
             raise ValueError(f"pali: {ids.shape[0]} captions for {img_tokens.shape[0]} images")
-        s = self.draw_splits(word_counts(ids, mask), int(self.step.item()), dist)
         # host sync: the step seeds the split sampler's generator
+        s = self.draw_splits(word_counts(ids, mask), int(self.step.item()), dist)
         with torch.no_grad():
             self.step += 1
         self.last_split = s
