@@ -10,7 +10,7 @@ orientation and mode, check size and aspect, resize to 256 on the shorter side, 
 hash (sha256 + perceptual hash), deduplicate, write fixed-size shards.
 
 - ``plain``: one Python process, a for-loop over samples with PIL, no Ray;
-- ``ray_1cpu`` / ``ray_2cpu``: ``pipelines.curate.run`` on a fresh local Ray with that many
+- ``ray_1cpu`` / ``ray_2cpu``: ``vlmray.pipelines.curate.run`` on a fresh local Ray with that many
   logical CPUs (Ray's start-up is not timed; everything inside ``run`` is).
 
 Prints ONE JSON line: images/s of each, ``ray_1cpu_vs_plain`` (target >= 1) and
@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
+from vlmray.config.curation import DedupConfig  # noqa: E402
 from vlmray.data import schema  # noqa: E402
-from vlmray.data.curation.dedup import Dedup, DedupConfig  # noqa: E402
+from vlmray.data.curation.dedup import Dedup
 from vlmray.data.curation.hashing import phash, sha256_hex, text_signature  # noqa: E402
 from vlmray.data.shards import encode_shard, iter_shards  # noqa: E402
 
@@ -138,9 +139,9 @@ def ray_phase(src: str, out: str, cpus: int) -> dict:
     """Child process: a fresh local Ray with ``cpus`` logical CPUs, then one timed run."""
     import ray
 
-    from pipelines.curate import run
-    from vlmray.data.curation.config import CurateJobConfig
-    from vlmray.data.curation.writers import WriteConfig
+    from vlmray.config.curation import WriteConfig
+    from vlmray.config.jobs import CurateJobConfig
+    from vlmray.pipelines.curate import run
 
     tmp = tempfile.mkdtemp(prefix="vrb-", dir="/tmp")
     ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema  # noqa: E402
 from vlmray.distributed import Dist  # noqa: E402
 from vlmray.models.outputs import (  # noqa: E402
@@ -41,7 +42,7 @@ from vlmray.models.outputs import (  # noqa: E402
     TEXT_VIEW_EMBEDS,
     Outputs,
 )
-from vlmray.objectives import ObjectiveSpec, build_objective  # noqa: E402
+from vlmray.objectives import build_objective  # noqa: E402
 from vlmray.recipes import recipe  # noqa: E402
 from vlmray.train.loop import train_step  # noqa: E402
 from vlmray.train.state import build_state  # noqa: E402

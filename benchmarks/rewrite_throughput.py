@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig
 from vlmray.data import schema
-from vlmray.data.synthetic import SyntheticConfig, make_sample
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig
+from vlmray.data.synthetic import make_sample
 from vlmray.rewrite.stage import REWRITE_TOKENS, check_rewrite, rewrite_plan
 
 CPU_ENGINE = {"max_model_len": 1024, "dtype": "float32", "enforce_eager": True,

@@ -133,7 +133,8 @@ def ensure_data(args: argparse.Namespace, n: int) -> tuple[str, float | None]:
     """The built-in dataset with ``n`` train rows under ``--work-dir``/data (generated now with
     ``--gen-workers`` processes unless a finished copy with the same settings is there).
     Returns (its root, seconds spent generating or None when cached)."""
-    from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+    from vlmray.config.data import SyntheticConfig
+    from vlmray.data.synthetic import write_synthetic
 
     cfg = SyntheticConfig(num_train=n, num_eval=args.num_eval, image_size=args.gen_image_size,
                           shard_size=args.shard_size)
@@ -233,9 +234,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs one (N, variant): starts the capped Ray, samples memory while ``vlmray.run`` runs,
     returns the figures (see the module docstring)."""
     import ray
+    from _memory import MemorySampler
 
     import vlmray
-    from _memory import MemorySampler
 
     ray.init(num_cpus=spec["cpus"], object_store_memory=spec["store_mb"] * 1024**2,
              include_dashboard=False, _temp_dir=spec["ray_tmp"], log_to_driver=True)

@@ -75,8 +75,9 @@ def _peak_bytes(fn: Callable[[], None]) -> int:
 
 def _measure(batch: int, dim: int, method: str, repeats: int, rank: int) -> tuple[float, float]:
     import vlmray.objectives.contrastive.siglip  # noqa: F401
+    from vlmray.config.objectives import ObjectiveSpec
     from vlmray.distributed import Dist
-    from vlmray.objectives import ObjectiveSpec, build_objective
+    from vlmray.objectives import build_objective
 
     name, params = METHODS[method]
     loss_fn = build_objective(ObjectiveSpec(name=name, params=params))

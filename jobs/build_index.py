@@ -14,13 +14,9 @@ embedded, rejected with a reason, or outside the chosen --subset, and the job ch
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
-
-from pipelines.index import IndexJobConfig  # noqa: E402
-from vlmray.cli import fail, parse_job_config  # noqa: E402
-from vlmray.config import ConfigError  # noqa: E402
+from vlmray.cli import parse_job_config, run_job
+from vlmray.config.jobs import IndexJobConfig
 
 
 def parse(argv: list[str] | None) -> IndexJobConfig:
@@ -29,12 +25,9 @@ def parse(argv: list[str] | None) -> IndexJobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     job = parse(argv)
-    from pipelines.index import run
+    from vlmray.pipelines.index import run
 
-    try:
-        stats = run(job)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    stats = run_job(run, job)
     print(f"[build_index] {stats['rows_in']} rows in -> {stats['rows_embedded']} embedded "
           f"+ {stats['rows_rejected']} rejected {stats['reject_reasons']} "
           f"+ {stats['rows_outside_subset']} outside subset, in {stats['wall_s']}s")

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
-
-from vlmray.cli import fail, parse_job_config  # noqa: E402
-from vlmray.config import ConfigError  # noqa: E402
-from vlmray.data.curation.config import CurateJobConfig  # noqa: E402
+from vlmray.cli import parse_job_config, run_job
+from vlmray.config.jobs import CurateJobConfig
 
 
 def parse(argv: list[str] | None) -> CurateJobConfig:
@@ -31,12 +27,9 @@ def parse(argv: list[str] | None) -> CurateJobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     job = parse(argv)
-    from pipelines.curate import run
+    from vlmray.pipelines.curate import run
 
-    try:
-        stats = run(job).stats
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    stats = run_job(run, job).stats
     print(f"[curate] {stats['rows_in']} rows in -> {stats['rows_out']} out "
           f"+ {stats['rows_rejected']} rejected, {stats['shards']} shards in {job.output}")
     for st in stats["stages"]:

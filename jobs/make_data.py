@@ -16,7 +16,8 @@ import inspect
 import json
 import typing
 
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+from vlmray.config.data import SyntheticConfig
+from vlmray.data.synthetic import write_synthetic
 
 
 def _field_docs(cls: type) -> dict[str, str]:

@@ -12,14 +12,13 @@ import sys
 
 from vlmray.api import run
 from vlmray.cli import fail, parse_config
-from vlmray.config import ConfigError, validate
+from vlmray.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(argv, __doc__)
     try:
-        validate(cfg)  # every name checked before any Ray work starts
-        result = run(cfg, args.output, resume=args.resume)
+        result = run(cfg, args.output, resume=args.resume)   # validates before any Ray work
     except ConfigError as e:
         fail(str(e))
     m = result.metrics

@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
-
-from pipelines.rewrite import RewriteJobConfig  # noqa: E402
-from vlmray.cli import fail, parse_job_config  # noqa: E402
-from vlmray.config import ConfigError  # noqa: E402
+from vlmray.cli import parse_job_config, run_job
+from vlmray.config.jobs import RewriteJobConfig
 
 
 def parse(argv: list[str] | None) -> RewriteJobConfig:
@@ -38,12 +34,9 @@ def _line(name: str, tally: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     job = parse(argv)
-    from pipelines.rewrite import run
+    from vlmray.pipelines.rewrite import run
 
-    try:
-        stats = run(job)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    stats = run_job(run, job)
     parts = [_line("rewrites", stats["rewrites"])]
     if stats["captioner"] != "none":
         parts.append(_line("captions", stats["captions"]))

@@ -29,9 +29,9 @@ from vlmray.config import (
     field_paths,
     parse_objectives,
     parse_value,
-    validate,
 )
 from vlmray.recipes import list_recipes, recipe
+from vlmray.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+
+from vlmray.config.errors import unknown_message
 
 T = TypeVar("T")
 
@@ -46,12 +47,4 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def unknown_message(kind: str, name: str, valid: list[str], limit: int = 40) -> str:
-    """``unknown objective 'clp'; did you mean 'clip'? valid: clip, siglip``."""
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    shown = ", ".join(valid[:limit]) + (f", ... ({len(valid)} in all)" if len(valid) > limit else "")
-    return f"unknown {kind} {name!r}{hint} valid: {shown}"
-
-
-__all__ = ["Registry", "UnknownNameError", "unknown_message"]
+__all__ = ["Registry", "UnknownNameError"]

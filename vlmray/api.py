@@ -8,15 +8,16 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmray.config import Config, ConfigError, validate
+from vlmray.config import Config, ConfigError
 from vlmray.data.storage import filesystem, join
+from vlmray.runtime import init_ray
+from vlmray.validate import validate
 
 
 @dataclass
@@ -24,25 +25,6 @@ class RunResult:
     run_dir: str
     metrics: dict[str, Any]
     checkpoint: str | None
-
-
-def init_ray() -> None:
-    """Connects to the cluster a job was submitted to (RAY_ADDRESS), or starts a local one
-    bound to loopback. Ray Data's per-operator progress bars are turned off: the run prints its
-    own ingest summary and per-step progress."""
-    import ray
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(dashboard_host="127.0.0.1")
 
 
 def resolve_data(cfg: Config, run_dir: str) -> tuple[str, str]:
@@ -62,7 +44,7 @@ def resolve_sources(cfg: Config, run_dir: str) -> list[str]:
 def _resolve_source(cfg: Config, spec: str, builtin_root: str) -> tuple[str, str]:
     """(train URI, held-out URI or "") of one source spec: ``builtin[:<seed>?...]`` generated
     into ``builtin_root`` once, or a dataset root / curation output / shard directory."""
-    from vlmray.data.sources import builtin_config, is_builtin
+    from vlmray.config.sources import builtin_config, is_builtin
 
     if is_builtin(spec):
         from vlmray.data.synthetic import ensure_synthetic
@@ -110,9 +92,9 @@ def _check_run_dir(run_dir: str, resume: bool) -> None:
 
 def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
     """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
-    from vlmray.data.ingest import run_ingest, stream_ingest
     from vlmray.data.placement import apply_budget
     from vlmray.data.stream import stream_summary
+    from vlmray.pipelines.feed import run_ingest, stream_ingest
     from vlmray.train.checkpoint import find_latest
     from vlmray.train.history import read_events, read_history
     from vlmray.train.report import dedup_by_step, write_json, write_summary
@@ -227,10 +209,15 @@ def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
     r = cfg.data.retrieval
     if not r.enabled and r.reference_fraction <= 0:
         return None
-    from vlmray.retrieval.feed import prepare
+    from vlmray.retrieval.feed import bootstrap_plan, prepare
     from vlmray.train.report import write_json
 
-    plan = prepare(cfg, train_uri, eval_uri, run_dir)
+    bootstrapped = ""
+    if r.needs_bootstrap:   # RA-CLIP's own embedder: a short plain-CLIP run comes first
+        bootstrapped, boot, resume = bootstrap_plan(cfg, run_dir)
+        if boot is not None:
+            run(boot, output=bootstrapped, resume=resume)
+    plan = prepare(cfg, train_uri, eval_uri, run_dir, bootstrapped=bootstrapped)
     if plan.config is not cfg:
         write_json(join(run_dir, "config.json"), plan.config.to_dict())
     if plan.stats:
@@ -296,4 +283,4 @@ def _attempts(events: list[dict[str, Any]], rows: list[dict[str, Any]],
     return {"restarts": max(0, starts - 1), "attempts": attempts}
 
 
-__all__ = ["RunResult", "init_ray", "resolve_data", "resolve_sources", "run"]
+__all__ = ["RunResult", "resolve_data", "resolve_sources", "run"]

@@ -10,7 +10,8 @@ import functools
 import inspect
 import sys
 import textwrap
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from vlmray.config import (
     Config,
@@ -20,6 +21,9 @@ from vlmray.config import (
     unknown_field_message,
 )
 from vlmray.recipes import list_recipes, recipe
+
+J = TypeVar("J")
+R = TypeVar("R")
 
 
 @functools.cache
@@ -120,9 +124,19 @@ def parse_job_config(argv: list[str] | None, defaults: Any, *, description: str,
         raise
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-__all__ = ["add_field_flags", "build_parser", "field_docs", "parse_config"]
+def run_job(run: Callable[[J], R], job: J) -> R:
+    """Runs a data job (curate, rewrite, index); a bad setting or input ends the process with
+    ``error: <why>`` and exit code 2 instead of a traceback."""
+    try:
+        return run(job)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+__all__ = ["add_field_flags", "build_parser", "fail", "field_docs", "parse_config", "parse_job_config",
+           "run_job"]

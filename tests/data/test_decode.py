@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.decode import (
     DECODE_ERROR,
@@ -26,7 +27,7 @@ from vlmray.data.decode import (
     label_of,
     prepare_rows,
 )
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.data.tokenize import BOS, EOS, PAD, HashTokenizer
 
 SPEC = DecodeSpec(image_size=24, min_image_side=16, max_text_chars=100)

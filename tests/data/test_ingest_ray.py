@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from vlmray.config import DataConfig
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
-from vlmray.data.ingest import TRAIN_COLUMNS, run_ingest
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+from vlmray.data.ingest import TRAIN_COLUMNS
+from vlmray.data.synthetic import write_synthetic
+from vlmray.pipelines.feed import run_ingest
 
 SYN = SyntheticConfig(num_train=300, num_eval=20, shard_size=100, corrupt_frac=0.03,
                       overlong_frac=0.02)

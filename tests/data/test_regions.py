@@ -17,14 +17,15 @@ import pytest
 from PIL import Image
 
 from vlmray.config import ConfigError, DataConfig
+from vlmray.config.data import SyntheticConfig, ViewsConfig
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
 from vlmray.data.ingest import REGION_COLUMNS, DecodeStage, decode_spec, train_columns
 from vlmray.data.mixup import mix_rows
 from vlmray.data.regions import map_box, plural
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.data.tokenize import HashTokenizer
-from vlmray.data.views import ViewsConfig, ViewStage
+from vlmray.data.views import ViewStage
 
 TOK = HashTokenizer(vocab_size=1024, context_length=24)
 SYN = SyntheticConfig(num_train=32, image_size=48, shard_size=32)

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from vlmray.config.data import SyntheticConfig
 from vlmray.data.schema import IMAGE, KEY, META, TEXT, WDS_SUFFIX
 from vlmray.data.shards import (
     encode_shard,
@@ -20,12 +21,7 @@ from vlmray.data.shards import (
     write_shard,
 )
 from vlmray.data.storage import arrow_filesystem, filesystem, join
-from vlmray.data.synthetic import (
-    CLASSNAMES,
-    SyntheticConfig,
-    make_shard,
-    write_synthetic,
-)
+from vlmray.data.synthetic import CLASSNAMES, make_shard, write_synthetic
 
 
 def _samples(n: int, prefix: str = "s") -> list[dict]:

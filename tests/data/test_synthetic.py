@@ -15,15 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vlmray.config.data import NOISE_KINDS, SyntheticConfig
 from vlmray.data.schema import IMAGE, KEY, LABEL, META, TEXT
 from vlmray.data.shards import iter_shard, iter_shards, load_classes
 from vlmray.data.synthetic import (
     CLASSNAMES,
     COLOURS,
-    NOISE_KINDS,
     SHAPES,
     TEMPLATES,
-    SyntheticConfig,
     make_shard,
     write_synthetic,
 )

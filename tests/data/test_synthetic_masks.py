@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from vlmray.config.data import SyntheticConfig
 from vlmray.data.decode import DecodeSpec, decode_image
 from vlmray.data.schema import IMAGE, LABEL, META
 from vlmray.data.synthetic import (
     OBJECTS,
     SHAPE,
     SHAPES,
-    SyntheticConfig,
     has_objects,
     label_map,
     make_sample,

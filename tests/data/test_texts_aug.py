@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from vlmray.config import ConfigError, DataConfig, apply_overrides
+from vlmray.config.data import SyntheticConfig, ViewsConfig
+from vlmray.config.rewrite import RewriteConfig
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
-from vlmray.data.ingest import DecodeStage, count_fallbacks, decode_spec, train_columns
-from vlmray.data.stream import StreamTally
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.ingest import DecodeStage, decode_spec, train_columns
+from vlmray.data.stream import StreamTally, count_fallbacks
+from vlmray.data.synthetic import make_sample
 from vlmray.data.tokenize import HashTokenizer
-from vlmray.data.views import ViewsConfig, ViewStage, sample_captions
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.data.views import ViewStage, sample_captions
 
 TOK = HashTokenizer(vocab_size=512, context_length=12)
 SYN = SyntheticConfig(num_train=8, num_eval=8, image_size=48, shard_size=8)

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmray.config import ConfigError, DataConfig, validate
+from vlmray.config import ConfigError, DataConfig
+from vlmray.config.data import SyntheticConfig, ViewsConfig
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.synthetic import SyntheticConfig, make_sample, write_synthetic
+from vlmray.data.synthetic import make_sample, write_synthetic
 from vlmray.data.tokenize import BOS, EOS, MASK, PAD, HashTokenizer
 from vlmray.data.view_ops import (
     IGNORE_INDEX,
@@ -28,8 +29,9 @@ from vlmray.data.view_ops import (
     sample_crop_boxes,
     summary,
 )
-from vlmray.data.views import ViewsConfig, ViewStage
+from vlmray.data.views import ViewStage
 from vlmray.recipes import recipe
+from vlmray.validate import validate
 
 ALL = {"image": ["global", "local", "global"], "text": ["eda", "summary", "attributes"],
        "mlm_prob": 0.15, "render_text": True}
@@ -253,7 +255,7 @@ def test_mlm_with_a_tokenizer_without_mask_fails_at_construction(tmp_path: Path)
 def test_ray_ingest_then_views(ray_local, tmp_path: Path) -> None:
     """Built-in shards -> run_ingest -> augment_train -> one torch batch with every column."""
     from vlmray.data.augment import augment_train
-    from vlmray.data.ingest import run_ingest
+    from vlmray.pipelines.feed import run_ingest
 
     write_synthetic(SyntheticConfig(num_train=24, num_eval=4, shard_size=12), str(tmp_path))
     cfg = DataConfig(views=ViewsConfig(image=["global", "local"], text=["eda"], mlm_prob=0.15,

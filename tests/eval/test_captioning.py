@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vlmray.config import Config, DataConfig, validate
+from vlmray.config import Config, DataConfig
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.data.tokenize import HashTokenizer
 from vlmray.eval.captioning import (
     bleu4,
@@ -30,8 +32,9 @@ from vlmray.eval.captioning import (
     words_of,
 )
 from vlmray.eval.heldout import HeldOut
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 from vlmray.train.state import build_core_model, setup_context
+from vlmray.validate import validate
 
 
 def test_bleu4_identical_is_one_and_hand_cases() -> None:

@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from tests.models.test_regions import reference_pool
-from vlmray.config import validate
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.synthetic import TEMPLATES, SyntheticConfig, make_sample
+from vlmray.data.synthetic import TEMPLATES, make_sample
 from vlmray.data.synthetic_text import CLASSNAMES
 from vlmray.eval.grounding import grounding_metrics, heldout_boxes
 from vlmray.eval.heldout import HeldOut
 from vlmray.recipes import recipe
 from vlmray.train.state import build_state
+from vlmray.validate import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,13 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.config import ModelConfig
+from vlmray.config.data import SyntheticConfig
 from vlmray.data.decode import DecodeSpec
-from vlmray.data.synthetic import (
-    CLASSNAMES,
-    TEMPLATES,
-    SyntheticConfig,
-    write_synthetic,
-)
+from vlmray.data.synthetic import CLASSNAMES, TEMPLATES, write_synthetic
 from vlmray.data.tokenize import HashTokenizer
 from vlmray.eval import HeldOut, evaluate, load_heldout, recall_at_k, topk_accuracy
 from vlmray.eval.heldout import class_prompts

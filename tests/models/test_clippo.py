@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmray.config import ConfigError, ModelConfig, validate
+from vlmray.config import ConfigError, ModelConfig
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec
 from vlmray.data.render import BACKGROUND_BRIGHTNESS, render_text, render_texts
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+from vlmray.data.synthetic import write_synthetic
 from vlmray.data.tokenize import HashTokenizer
 from vlmray.distributed import Dist
 from vlmray.eval import HeldOut, evaluate, load_heldout
@@ -28,8 +30,9 @@ from vlmray.eval.metrics import class_embeddings
 from vlmray.models import MODEL_ARCHS, build_model
 from vlmray.models.clippo import Clippo
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, MLM_STATES
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 from vlmray.recipes import recipe
+from vlmray.validate import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

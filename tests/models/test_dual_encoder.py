@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import DualEncoder, build_model
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 
 B, S, V, L = 3, 32, 512, 16
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import MODEL_ARCHS, build_model
@@ -22,7 +23,7 @@ from vlmray.models.oner import (
     OneR,
     mix_partner,
 )
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 
 B, S, P, V, L, D = 4, 32, 8, 512, 16, 16
 N_PATCH = (S // P) ** 2

@@ -12,10 +12,11 @@ from torch import Tensor
 
 from tests.models.test_dual_encoder import B, batch, make, tiny
 from vlmray.config import ConfigError, ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import DualEncoder, RetrievalAugmentation, validate_model_config
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D, DR, K = 16, 8, 5

@@ -17,17 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray.config import ConfigError, DataConfig, ModelConfig
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.synthetic import (
-    CLASSNAMES,
-    OBJECTS,
-    TEMPLATES,
-    SyntheticConfig,
-    label_map,
-    make_sample,
-)
+from vlmray.data.synthetic import CLASSNAMES, OBJECTS, TEMPLATES, label_map, make_sample
 from vlmray.eval.heldout import HeldOut
 from vlmray.models import MODEL_ARCHS, build_model, validate_model_config
 from vlmray.models.segclip import BACKGROUND_PROMPT, SegClip, SemanticGroup

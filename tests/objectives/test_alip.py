@@ -21,11 +21,12 @@ from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import build_model
 from vlmray.models.outputs import SYNTHETIC_TEXT_EMBEDS, Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import build_objective, list_objectives
 from vlmray.objectives.contrastive.alip import AlipLoss, gate_weights
 from vlmray.objectives.contrastive.clip import ClipLoss
 
@@ -251,8 +252,9 @@ def test_gates_down_weight_mismatched_pairs_on_builtin_data() -> None:
     """Built-in train rows, half with mismatched captions (sidecar noise == "mismatch"); the
     oracle describes each true scene; MiniLM embeds both. The LCG must give mismatched rows a
     much smaller W^s than clean ones."""
-    from vlmray.data.synthetic import SyntheticConfig, make_sample
-    from vlmray.retrieval.embed import MiniLMEmbedder, _resolve_minilm
+    from vlmray.config.data import SyntheticConfig
+    from vlmray.data.synthetic import make_sample
+    from vlmray.embedders import resolve_minilm
     from vlmray.rewrite.captioners import oracle_caption
 
     syn = SyntheticConfig(num_train=64, num_eval=8)
@@ -260,7 +262,7 @@ def test_gates_down_weight_mismatched_pairs_on_builtin_data() -> None:
     mismatched = np.array([json.loads(s[schema.META])["noise"] == "mismatch" for s in samples])
     captions = [oracle_caption(s[schema.META], s[schema.KEY]) for s in samples]
     assert all(captions) and mismatched.sum() == 16
-    embedder = MiniLMEmbedder(_resolve_minilm(), torch.device("cpu"))
+    embedder = resolve_minilm().load("cpu")
     with torch.no_grad():
         emb = embedder.embed_texts([s[schema.TEXT] for s in samples] + captions)
     emb = F.normalize(torch.from_numpy(emb).double(), dim=-1)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective
+from vlmray.objectives import build_objective
 from vlmray.objectives.contrastive.clip import ClipLoss
 
 N, W = 8, 2

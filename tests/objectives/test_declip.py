@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, MLM_STATES, TEXT_VIEW_EMBEDS, Outputs
-from vlmray.objectives import ObjectiveSpec, SetupContext, build_objective, validate_spec
+from vlmray.objectives import SetupContext, build_objective, validate_spec
 from vlmray.objectives.contrastive.simsiam import SimSiamLoss
 from vlmray.objectives.generative.mlm import MLMLoss
 
@@ -372,11 +373,11 @@ def view_batch(cfg: Any, mask_id: int, rows: int = 8) -> dict[str, Tensor]:
 
 
 def test_declip_tiny_trains_with_hand_built_view_columns() -> None:
-    from vlmray.config import validate
     from vlmray.data.ingest import tokenizer_for
     from vlmray.recipes import recipe
     from vlmray.train.loop import train_step
     from vlmray.train.state import build_state
+    from vlmray.validate import validate
 
     cfg = validate(recipe("declip_tiny", **{
         "data.image_size": "32", "data.context_length": "16", "data.vocab_size": "1024",

@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models import NN_TEXT_EMBEDS
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec, build_objective, validate_spec
+from vlmray.objectives import ObjectiveMix, build_objective, validate_spec
 from vlmray.objectives.contrastive.declip_nns import DeclipNNSLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

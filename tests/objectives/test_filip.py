@@ -15,9 +15,10 @@ from torch import Tensor, nn
 import vlmray.objectives.contrastive.filip as filip_module
 from tests.distributed._spawn import run_gloo
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives, validate_spec
+from vlmray.objectives import build_objective, list_objectives, validate_spec
 from vlmray.objectives.contrastive.filip import FilipLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

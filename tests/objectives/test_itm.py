@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 import vlmray.objectives.alignment.itm  # noqa: F401  (registers "itm")
 from tests.distributed._spawn import run_gloo
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.fusion import FusionEncoder
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import build_objective, list_objectives
 from vlmray.objectives.alignment.itm import ItmLoss, negative_weights
 from vlmray.objectives.base import SetupContext
 

@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from tests.distributed._spawn import run_gloo
 from tests.models.test_fiber import CT, CV, TINY_BERT, TINY_VIT, V, fiber_batch, tiny_fiber
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.data.tokenize import HashTokenizer
 from vlmray.distributed import Dist
 from vlmray.eval import HeldOut
 from vlmray.models import build_model
 from vlmray.models.fiber import FIBER_INPUTS, Fiber
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec, build_objective
+from vlmray.objectives import ObjectiveMix, build_objective
 from vlmray.objectives.alignment.itm import ItmLoss, mismatched_pairs, roc_auc
 from vlmray.objectives.base import SetupContext
 

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.mae import random_patch_mask
 from vlmray.models.outputs import MASKED_IMAGE_TOKENS, MASKED_TEXT_TOKENS, Outputs
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import ObjectiveMix, build_objective, list_objectives
 from vlmray.objectives.base import SetupContext
 from vlmray.objectives.generative.mmm import MmmLoss
 

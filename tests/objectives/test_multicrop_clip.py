@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import build_objective, list_objectives
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

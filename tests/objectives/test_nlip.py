@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, validate_spec
+from vlmray.objectives import build_objective, validate_spec
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.nlip import NlipLoss, fit_gmm_1d, noise_posterior
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tests.objectives.test_nlip import reference_loss, reference_posterior
 from vlmray._registry import UnknownNameError
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.data.tokenize import BOS, PAD, HashTokenizer
 from vlmray.distributed import Dist
@@ -24,7 +25,7 @@ from vlmray.eval.heldout import HeldOut
 from vlmray.models import build_model
 from vlmray.models.extras import encode_view_extras
 from vlmray.models.outputs import COMPLETION_EMBEDS, Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, validate_spec
+from vlmray.objectives import build_objective, validate_spec
 from vlmray.objectives.base import SetupContext
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.nlip_completion import (

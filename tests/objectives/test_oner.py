@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.distributed._spawn import run_gloo
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.oner import ONER_MIXED_EMBEDS, ONER_PAIRED_EMBEDS, ONER_PARTNER
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives, validate_spec
+from vlmray.objectives import build_objective, list_objectives, validate_spec
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.oner import OneRLoss
 

@@ -20,9 +20,10 @@ from tests.distributed._spawn import run_gloo
 from tests.objectives.test_clip import TinyClip
 from tests.train.test_recipe_smoke import make_batch, small_config
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec, build_objective, validate_spec
+from vlmray.objectives import ObjectiveMix, build_objective, validate_spec
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.otter import OtterLoss, sinkhorn
 from vlmray.train.loop import train_step

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from tests.objectives._captions import caption_batch
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import build_objective, list_objectives
 from vlmray.objectives.base import SetupContext
 from vlmray.objectives.generative.pali import PaliLoss, split_caption, split_points, word_counts
 

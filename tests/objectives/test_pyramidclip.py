@@ -18,9 +18,10 @@ import vlmray.objectives.contrastive.pyramidclip  # noqa: F401  (registers "pyra
 from tests.distributed._spawn import run_gloo
 from tests.objectives._two_process import assert_matches_one, ddp_average
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import IMAGE_VIEW_EMBEDS, TEXT_VIEW_EMBEDS, Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives, validate_spec
+from vlmray.objectives import build_objective, list_objectives, validate_spec
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.pyramidclip import PyramidClipLoss, softened_nce
 

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 import vlmray.objectives.alignment.regionword  # noqa: F401  (registers "regionword")
 from tests.distributed._spawn import run_gloo
 from tests.models.test_regions import reference_pool
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives
+from vlmray.objectives import build_objective, list_objectives
 from vlmray.objectives.alignment.regionword import RegionWordLoss, multi_positive_ce
 from vlmray.objectives.base import SetupContext
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
 from vlmray.objectives import (
@@ -19,7 +20,6 @@ from vlmray.objectives import (
     LossResult,
     Objective,
     ObjectiveMix,
-    ObjectiveSpec,
     build_objective,
     list_objectives,
     register_objective,

@@ -16,11 +16,12 @@ import vlmray.objectives.contrastive.siglip  # noqa: F401  (registers "siglip")
 from tests.distributed._spawn import run_gloo
 from vlmray._registry import UnknownNameError
 from vlmray.config import ModelConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import build_model
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, validate_spec
+from vlmray.objectives import build_objective, validate_spec
 from vlmray.objectives.base import host_metrics
 from vlmray.objectives.contrastive.siglip import SigLipLoss
 

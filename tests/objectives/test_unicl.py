@@ -19,10 +19,11 @@ from tests.distributed._spawn import run_gloo
 from tests.objectives._two_process import assert_matches_one, ddp_average
 from tests.objectives.test_clip import TinyClip
 from vlmray._registry import UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data.schema import LABEL
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveSpec, build_objective, list_objectives, validate_spec
+from vlmray.objectives import build_objective, list_objectives, validate_spec
 from vlmray.objectives.contrastive.clip import ClipLoss
 from vlmray.objectives.contrastive.unicl import UniClLoss
 

@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.build_index import main
-from pipelines.index import IndexJobConfig, load_built, run
 from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import field_paths
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.retrieval import EmbedConfig
 from vlmray.data import schema
 from vlmray.data.storage import filesystem, join
-from vlmray.data.synthetic import SyntheticConfig
-from vlmray.retrieval.embed import EmbedConfig, read_embedding_table, read_embeddings
+from vlmray.pipelines.index import IndexJobConfig, load_built, run
+from vlmray.retrieval.embed import read_embedding_table, read_embeddings
 from vlmray.retrieval.index import IndexConfig
 from vlmray.retrieval.split import reference_mask
 

@@ -15,12 +15,13 @@ import torch
 
 from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import Config
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.retrieval import EmbedConfig
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.retrieval.embed import (
-    EmbedConfig,
     EmbedStage,
     _embedding_table,
     _write_batch,

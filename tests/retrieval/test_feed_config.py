@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from vlmray.config import ConfigError, validate
+from vlmray.config import ConfigError
+from vlmray.config.objectives import ObjectiveSpec
+from vlmray.config.retrieval import RetrievalConfig
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 from vlmray.recipes import recipe
-from vlmray.retrieval.config import RetrievalConfig
 from vlmray.retrieval.feed import split_stage
 from vlmray.retrieval.split import OUTSIDE_SUBSET
 from vlmray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from vlmray.validate import validate
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig
 from vlmray.data import schema
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.data.synthetic_text import COLOURS, SHAPES
 from vlmray.rewrite.base import CAPTION_TOKENS, RAW_CAPTION, captioner
 from vlmray.rewrite.captioners import (
@@ -28,7 +30,6 @@ from vlmray.rewrite.captioners import (
     oracle_batch,
     oracle_caption,
 )
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

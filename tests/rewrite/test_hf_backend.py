@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import raw_column, rewrite_backend, tokens_column
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig
 from vlmray.rewrite.hf import HFBackend, HFRewriter, RewriteActor
 from vlmray.rewrite.prompts import LaClipPrompts
 from vlmray.rewrite.validate import REASONS, validate_rewrites

@@ -11,8 +11,10 @@ import re
 import numpy as np
 import pyarrow as pa
 
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig, ValidateConfig
 from vlmray.data import schema
-from vlmray.data.synthetic import COLOURS, SHAPES, SyntheticConfig, make_sample
+from vlmray.data.synthetic import COLOURS, SHAPES, make_sample
 from vlmray.rewrite.base import (
     CAPTION_TOKENS,
     RAW_CAPTION,
@@ -21,7 +23,6 @@ from vlmray.rewrite.base import (
     rewrite_backend,
     tokens_column,
 )
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig, ValidateConfig
 from vlmray.rewrite.offline import OfflineBackend, attribute, paraphrase, paraphrase_batch, reorder
 from vlmray.rewrite.prompts import LaClipPrompts
 from vlmray.rewrite.stage import (

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from vlmray.rewrite.config import RewriteConfig, ValidateConfig
+from vlmray.config.rewrite import RewriteConfig, ValidateConfig
 from vlmray.rewrite.prompts import SYSTEM, LaClipPrompts, load_examples
 from vlmray.rewrite.validate import (
     REASONS,

@@ -14,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.rewrite_captions import main
-from pipelines.rewrite import RewriteJobConfig, run, validate_job
 from vlmray.api import resolve_data
 from vlmray.config import ConfigError
+from vlmray.config.curation import WriteConfig
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.jobs import RewriteJobConfig
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig
 from vlmray.data import schema
-from vlmray.data.curation.writers import WriteConfig
 from vlmray.data.shards import iter_shards
-from vlmray.data.synthetic import SyntheticConfig
+from vlmray.pipelines.rewrite import run, validate_job
 from vlmray.recipes import recipe
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig
 from vlmray.rewrite.validate import REASONS
 
 SYN = SyntheticConfig(num_train=60, num_eval=8, shard_size=30)

@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.rewrite import RewriteJobConfig, run
+from vlmray.config.curation import WriteConfig
+from vlmray.config.data import PlacementConfig
+from vlmray.config.jobs import RewriteJobConfig
+from vlmray.config.rewrite import RewriteConfig
 from vlmray.data.curation.readers import read_inputs
-from vlmray.data.curation.writers import WriteConfig
-from vlmray.data.placement import PlacementConfig, apply_budget
+from vlmray.data.placement import apply_budget
 from vlmray.data.shards import iter_shard
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.pipelines.rewrite import run
 
 CAP = 80 << 20                                      # Ray's smallest object store is 75 MiB
 FILES, PER_FILE, IMAGE_BYTES = 16, 200, 50_000     # 3200 rows, 160 MB of (incompressible) images

@@ -16,6 +16,7 @@ import pytest
 from ray.llm._internal.batch.stages.base import wrap_postprocess, wrap_preprocess
 from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage
 
+from vlmray.config.rewrite import RewriteConfig, SamplingConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import (
     CAPTION_TOKENS,
@@ -25,7 +26,6 @@ from vlmray.rewrite.base import (
     rewrite_backend,
     tokens_column,
 )
-from vlmray.rewrite.config import RewriteConfig, SamplingConfig
 from vlmray.rewrite.prompts import LaClipPrompts
 from vlmray.rewrite.vllm_backend import (
     COLUMNS,

@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import WriteConfig
 from vlmray.data import schema
-from vlmray.data.curation.writers import WriteConfig, encode_rows, sidecar
+from vlmray.data.curation.writers import encode_rows, sidecar
 from vlmray.data.shards import iter_shard
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 import vlmray
-from pipelines.curate import run as curate
 from tests.train.test_pipeline_ray import SMALL
 from vlmray.api import resolve_data
+from vlmray.config.curation import WriteConfig
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
-from vlmray.data.curation.config import CurateJobConfig
-from vlmray.data.curation.writers import WriteConfig
-from vlmray.data.ingest import run_ingest
-from vlmray.data.synthetic import SyntheticConfig
+from vlmray.pipelines.curate import run as curate
+from vlmray.pipelines.feed import run_ingest
 
 STEPS = {**SMALL, "train.steps": 4, "train.checkpoint_every": 0, "eval.every": 0}
 SYN = SyntheticConfig(num_train=400, num_eval=60, shard_size=200, corrupt_frac=0.02,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from vlmray.config import DataConfig
+from vlmray.config.data import SyntheticConfig, ViewsConfig
+from vlmray.config.rewrite import RewriteConfig
 from vlmray.data import schema
 from vlmray.data.augment import augment_train
-from vlmray.data.ingest import IngestResult, run_ingest
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
-from vlmray.data.views import ViewsConfig
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.data.synthetic import write_synthetic
+from vlmray.pipelines.feed import IngestResult, run_ingest
 
 ROWS, K = 64, 2
 SYN = SyntheticConfig(num_train=ROWS, num_eval=8, shard_size=32, corrupt_frac=0.05,

@@ -30,13 +30,14 @@ from torch import Tensor
 
 import vlmray
 from tests.plugins.ray_head import Head, Node, start_head, start_worker_node, stop_nodes
-from vlmray.config import Config, validate
+from vlmray.config import Config
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.data.ingest import tokenizer_for
 from vlmray.distributed import Dist
-from vlmray.objectives import ObjectiveSpec
 from vlmray.train.state import TrainState, build_state
 from vlmray.train.trainer import scaling_for
+from vlmray.validate import validate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

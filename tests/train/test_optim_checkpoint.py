@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from vlmray.config import ModelConfig, TrainConfig
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models import DualEncoder, build_model
-from vlmray.objectives import ObjectiveMix, ObjectiveSpec
+from vlmray.objectives import ObjectiveMix
 from vlmray.train.checkpoint import (
     Progress,
     find_latest,

@@ -32,19 +32,14 @@ import vlmray
 from tests.plugins.ray_head import start_head, start_worker_node, stop_nodes
 from tests.train.test_multinode import TINY, _connect, _wait_for_nodes
 from vlmray.config import ConfigError
+from vlmray.config.curation import CurationConfig, ReadConfig
+from vlmray.config.data import DEFAULT_BLOCK_BYTES, PlacementConfig, SyntheticConfig
 from vlmray.data import schema
-from vlmray.data.curation.config import CurationConfig
 from vlmray.data.curation.plan import row_stages
-from vlmray.data.curation.readers import ReadConfig, read_inputs
+from vlmray.data.curation.readers import read_inputs
 from vlmray.data.curation.stage import apply_stage
-from vlmray.data.placement import (
-    DEFAULT_BLOCK_BYTES,
-    PlacementConfig,
-    apply_budget,
-    remote_args,
-    stage_resources,
-)
-from vlmray.data.synthetic import SyntheticConfig, ensure_synthetic
+from vlmray.data.placement import apply_budget, remote_args, stage_resources
+from vlmray.data.synthetic import ensure_synthetic
 
 NODE = "node_id"
 PLACEMENT = PlacementConfig(resources={"data": 0.001}, cpu_budget=1, object_store_bytes=64 << 20,

@@ -16,17 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from vlmray.config import Config, validate
+from vlmray.config import Config
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import EXTRA_TEXT_COLUMNS, decode_spec, tokenizer_for
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 from vlmray.data.views import ViewStage
 from vlmray.distributed import Dist
 from vlmray.recipes import list_recipes, recipe
 from vlmray.train.loop import train_step
 from vlmray.train.optim import lr_factor
 from vlmray.train.state import build_state
+from vlmray.validate import validate
 
 STEPS, BATCH, LR = 16, 16, 5e-4   # no warmup: the full lr from step 0 (2e-3 collapses)
 TRAIN = {"train.lr": str(LR), "train.warmup_steps": "0", "train.steps": "1000",

@@ -28,7 +28,8 @@ import pytest
 
 import vlmray
 from benchmarks._memory import StoreProbe
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+from vlmray.config.data import SyntheticConfig
+from vlmray.data.synthetic import write_synthetic
 
 CAP_MB = 80
 NUM_TRAIN = 4000

@@ -24,9 +24,10 @@ import vlmray
 from tests.distributed._spawn import run_gloo
 from tests.train.test_pipeline_ray import TINY_MODEL
 from vlmray.api import resolve_sources
-from vlmray.config import ConfigError, DataConfig, apply_overrides, validate
-from vlmray.data.sources import builtin_config, choose_source, source_probabilities
-from vlmray.data.synthetic import SyntheticConfig
+from vlmray.config import ConfigError, DataConfig, apply_overrides
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.sources import builtin_config
+from vlmray.data.sources import choose_source, source_probabilities
 from vlmray.train.checkpoint import (
     PROGRESS,
     STATE,
@@ -38,6 +39,7 @@ from vlmray.train.checkpoint import (
 )
 from vlmray.train.history import read_history
 from vlmray.train.loop import Streams
+from vlmray.validate import validate
 
 SIZES = [300, 100, 600]
 

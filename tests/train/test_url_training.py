@@ -23,8 +23,9 @@ import pytest
 import vlmray
 from tests.plugins.http_server import LoopbackServer, body, closed_port, drip, status
 from tests.train.test_pipeline_ray import SMALL
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
-from vlmray.data.synthetic import SyntheticConfig, make_shard
+from vlmray.data.synthetic import make_shard
 
 GOOD = 40
 SYN = SyntheticConfig(num_train=GOOD, num_eval=1, shard_size=GOOD, mismatch_frac=0.0,
@@ -166,7 +167,7 @@ def test_url_list_without_curation_is_downloaded_and_decoded(ray_local, server, 
     """``data.curate=false``: only the downloader runs before decode; the same reasons come
     out (a page fails to decode in the decode stage), and a second plan over the same cache
     fetches nothing. Runs last: its own cache downloads the good images once more."""
-    from vlmray.data.ingest import run_ingest
+    from vlmray.pipelines.feed import run_ingest
 
     rows = _url_rows(server)
     source = _write_csv(rows, tmp_path / "urls.csv")

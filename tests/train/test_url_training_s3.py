@@ -20,9 +20,10 @@ import pytest
 import vlmray
 from tests.plugins.http_server import LoopbackServer, body, status
 from tests.train.test_pipeline_ray import SMALL
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.storage import arrow_filesystem, exists, filesystem, join
-from vlmray.data.synthetic import SyntheticConfig, make_shard, write_synthetic
+from vlmray.data.synthetic import make_shard, write_synthetic
 from vlmray.train.checkpoint import find_latest
 
 GOOD = 32
@@ -119,7 +120,7 @@ def test_rejects_and_checkpoint_are_on_s3(s3_run) -> None:
 
 
 def test_staged_download_is_on_s3_and_read_back_without_fetching(s3_run, server) -> None:
-    from vlmray.data.ingest import source_plan
+    from vlmray.pipelines.feed import source_plan
 
     result, source, rows = s3_run
     cache = join(result.run_dir, "curation")
@@ -139,16 +140,15 @@ def test_staged_download_is_on_s3_and_read_back_without_fetching(s3_run, server)
 
 def test_curation_job_reads_the_list_from_s3_and_resumes_from_s3_staging(s3_run, server,
                                                                           bucket) -> None:
-    """``pipelines/curate.py`` on the same list, output on S3: downloads each URL once more
+    """``vlmray/pipelines/curate.py`` on the same list, output on S3: downloads each URL once more
     (its own staging), writes shards and rejects there; after a crash past staging (shards
     and stats gone, ``_staging`` kept) a rerun finishes from the staged rows, fetching
     nothing."""
-    from pipelines.curate import Layout, run
-    from vlmray.data.curation.config import CurateJobConfig
-    from vlmray.data.curation.download import DownloadConfig
-    from vlmray.data.curation.writers import WriteConfig
+    from vlmray.config.curation import DownloadConfig, WriteConfig
+    from vlmray.config.jobs import CurateJobConfig
     from vlmray.data.shards import iter_shards
     from vlmray.data.storage import remove
+    from vlmray.pipelines.curate import Layout, run
 
     _, source, rows = s3_run
     before = dict(server.hits)

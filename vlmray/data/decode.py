@@ -18,9 +18,6 @@ from PIL import Image
 from vlmray.data import schema
 from vlmray.data.tokenize import Tokenizer
 
-if TYPE_CHECKING:
-    from vlmray.config import DataConfig
-
 # Reasons a row is rejected at ingest (the values of the reject_reason column).
 MISSING_IMAGE = "missing_image"
 DECODE_ERROR = "decode_error"
@@ -159,32 +156,6 @@ def prepare_rows(keys: Sequence[str], images: Sequence[bytes | None], texts: Seq
     return out
 
 
-EXTRA_TEXT_CHOICES = ("texts_aug", "synthetic_caption")
-"""Values of ``data.extra_texts``."""
-
-
-def check_extra_texts(d: DataConfig) -> None:
-    """``DataConfig``'s checks of its extra texts: adds ``texts_aug`` when ``rewrite.k > 0`` and
-    ``synthetic_caption`` when ``rewrite.captioner != "none"`` (the prefix makes them), then
-    raises ``ValueError`` naming the fix on unknown names, repeats, ``max_texts_aug < 1``, or
-    ``views.caption_sampling="uniform"`` without ``texts_aug``."""
-    if d.rewrite.k > 0 and "texts_aug" not in d.extra_texts:
-        d.extra_texts = [*d.extra_texts, "texts_aug"]
-    if d.rewrite.captioner != "none" and "synthetic_caption" not in d.extra_texts:
-        d.extra_texts = [*d.extra_texts, "synthetic_caption"]
-    bad = [t for t in d.extra_texts if t not in EXTRA_TEXT_CHOICES]
-    if bad or len(set(d.extra_texts)) != len(d.extra_texts):
-        raise ValueError(f"data.extra_texts={d.extra_texts!r}: each one of "
-                         f"{list(EXTRA_TEXT_CHOICES)}, at most once")
-    if isinstance(d.max_texts_aug, bool) or not isinstance(d.max_texts_aug, int) \
-            or d.max_texts_aug < 1:
-        raise ValueError(f"data.max_texts_aug must be an int >= 1, got {d.max_texts_aug!r}")
-    if d.views.caption_sampling == "uniform" and "texts_aug" not in d.extra_texts:
-        raise ValueError("data.views.caption_sampling='uniform' draws among each row's "
-                         "rewritten captions: add 'texts_aug' to data.extra_texts (rows from "
-                         "jobs/rewrite_captions.py shards) or set data.rewrite.k > 0")
-
-
 def _sidecar(meta: object) -> dict:
     """A JSON sidecar as a dict ({} when absent, unreadable or not an object)."""
     try:
@@ -256,5 +227,5 @@ def extra_text_columns(texts: Sequence[str], reasons: Sequence[str], metas: Sequ
     return out
 
 
-__all__ = ["DecodeSpec", "EXTRA_TEXT_CHOICES", "REASONS", "check_extra_texts", "decode_image",
+__all__ = ["DecodeSpec", "REASONS", "decode_image",
            "extra_text_columns", "label_of", "prepare_rows"]

@@ -25,28 +25,10 @@ stays a positive of the ordinary diagonal target and every objective works uncha
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
+from vlmray.config.data import MixupConfig
 from vlmray.data import schema
-
-
-@dataclass(kw_only=True)
-class MixupConfig:
-    """Coin-flip image-text mixup in Ray Data (``vlmray.data.mixup``; after ZeroVL)."""
-
-    prob: float = 0.0
-    """Probability that a row is mixed with its partner row (0: off)."""
-    alpha: float = 0.1
-    """Mixing weights lam = max(l, 1 - l) with l ~ Beta(alpha, alpha); ZeroVL uses 0.1."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"data.mixup.prob must be in [0, 1], got {self.prob}")
-        if not self.alpha > 0 or not math.isfinite(self.alpha):
-            raise ValueError(f"data.mixup.alpha must be a positive number, got {self.alpha}")
 
 
 def partners(n: int) -> np.ndarray:

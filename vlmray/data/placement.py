@@ -20,88 +20,12 @@ backpressure holds the data stages within), a CPU budget and a block size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from vlmray.config.data import DEFAULT_BLOCK_BYTES, PlacementConfig
 
 if TYPE_CHECKING:
     from ray.data import DataContext
-
-_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-MIN_BLOCK_BYTES = 1 << 20
-DEFAULT_BLOCK_BYTES = 128 << 20
-"""Ray Data's ``DEFAULT_TARGET_MAX_BLOCK_SIZE`` (kept here so configs validate without Ray)."""
-
-
-@dataclass(kw_only=True)
-class PlacementConfig:
-    """Custom resources of the data stages and the memory budget of the stream."""
-
-    resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources every data task and actor requests besides its CPUs, e.g.
-    ``{"data": 0.001}``: the stages then run only on nodes started with that resource (a CPU
-    worker group with ``rayStartParams: {resources: '"{\\"data\\": 1}"'}``); empty = any node."""
-    model_resources: dict[str, float] = field(default_factory=dict)
-    """The same for model-bearing stages (CLIP scoring, embedding, captioning and LLM rewrite
-    actors), e.g. ``{"embed": 0.001}`` to put them on their own group; empty = ``resources``."""
-    object_store_bytes: int = 0
-    """Object-store budget of the data stages (Ray Data's
-    ``resource_limits.object_store_memory``): its backpressure pauses reading and decoding
-    while the stream's blocks fill it; 0 = Ray Data's default (a share of the object store)."""
-    cpu_budget: float = 0.0
-    """CPUs the data stages may hold at once (``resource_limits.cpu``), e.g. the data group's
-    cores; 0 = Ray Data's default (the cluster's CPUs less what training reserved)."""
-    target_block_bytes: int = 0
-    """Largest block a data stage emits (``DataContext.target_max_block_size``); the object
-    store and each task hold a few such blocks; 0 = Ray Data's default (128 MiB)."""
-    read_concurrency: int = 0
-    """Input files read at once (each read task holds one file's rows until it has emitted
-    them); 0 = as many as the CPUs and the object-store budget allow."""
-    prefetch_batches: int = 2
-    """Batches each training worker fetches ahead of the one it trains on
-    (``iter_torch_batches(prefetch_batches=...)``)."""
-
-    def __post_init__(self) -> None:
-        _check_resources("resources", self.resources)
-        _check_resources("model_resources", self.model_resources)
-        for name in ("object_store_bytes", "target_block_bytes", "read_concurrency",
-                     "prefetch_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"placement.{name} must be an int >= 0 (0 = Ray's default), "
-                                 f"got {value!r}")
-        if (isinstance(self.cpu_budget, bool) or not isinstance(self.cpu_budget, (int, float))
-                or not math.isfinite(self.cpu_budget) or self.cpu_budget < 0):
-            raise ValueError(f"placement.cpu_budget must be a number >= 0 (0 = Ray's default), "
-                             f"got {self.cpu_budget!r}")
-        if 0 < self.target_block_bytes < MIN_BLOCK_BYTES:
-            raise ValueError(f"placement.target_block_bytes={self.target_block_bytes} is below "
-                             f"Ray Data's 1 MiB minimum block; set it >= {MIN_BLOCK_BYTES} or 0")
-        block = self.target_block_bytes or DEFAULT_BLOCK_BYTES
-        if 0 < self.object_store_bytes < 2 * block:
-            raise ValueError(f"placement.object_store_bytes={self.object_store_bytes} holds "
-                             f"fewer than 2 blocks of {block} bytes, so the stream could not "
-                             f"flow: raise it to >= {2 * block} or lower "
-                             f"placement.target_block_bytes")
-
-
-def _check_resources(name: str, resources: Any) -> None:
-    """Custom resource names -> positive finite amounts; CPU/GPU/memory are set per stage."""
-    if not isinstance(resources, dict):
-        raise TypeError(f"placement.{name} must be a dict of custom resource -> amount, "
-                        f'e.g. {{"data": 0.001}}, got {resources!r}')
-    for key, amount in resources.items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"placement.{name}: resource names are non-empty strings, "
-                             f"got {key!r}")
-        if key in _RAY_RESOURCES:
-            raise ValueError(f"placement.{name}: {key!r} is a Ray resource each stage sets "
-                             f"itself; name a custom resource your data nodes offer "
-                             f'(e.g. {{"data": 0.001}})')
-        if (isinstance(amount, bool) or not isinstance(amount, (int, float))
-                or not math.isfinite(amount) or amount <= 0):
-            raise ValueError(f"placement.{name}[{key!r}] must be a number > 0 (a fraction such "
-                             f"as 0.001 only tags the task), got {amount!r}")
-
 
 def stage_resources(placement: PlacementConfig | None, *, model: bool = False) -> dict[str, float]:
     """The custom resources a data stage requests (model stages fall back to ``resources``)."""
@@ -139,4 +63,4 @@ def apply_budget(placement: PlacementConfig | None,
     return ctx
 
 
-__all__ = ["PlacementConfig", "apply_budget", "remote_args", "stage_resources"]
+__all__ = [ "apply_budget", "remote_args", "stage_resources"]

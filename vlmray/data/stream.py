@@ -25,6 +25,7 @@ import numpy as np
 
 from vlmray.data import schema
 from vlmray.data.curation.accounting import check_identity
+from vlmray.data.storage import arrow_filesystem, join
 
 _ROW_BITS = 32
 FALLBACK_COLUMNS = {schema.REWRITE_FALLBACKS: "rewrite_fallbacks",
@@ -123,8 +124,6 @@ class SplitStage:
     def _write_rejects(self, cols: dict[str, np.ndarray], row_ids: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
-
-        from vlmray.data.storage import arrow_filesystem, join
 
         digest = hashlib.sha1(np.sort(row_ids).tobytes()).hexdigest()[:16]
         fs, path = arrow_filesystem(join(self.rejects_uri, f"stream-{digest}.parquet"))

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vlmray.config.data import NOISE_KINDS, SyntheticConfig
 from vlmray.data.schema import BOXES, IMAGE, KEY, LABEL, META, PHRASES, TEXT
 from vlmray.data.shards import CLASSES_FILE, write_shard
-from vlmray.data.storage import ensure_parent, filesystem, join
+from vlmray.data.storage import ensure_parent, exists, filesystem, join
 from vlmray.data.synthetic_scene import (
     Scene,
     boxes_of,
@@ -50,8 +51,7 @@ from vlmray.data.synthetic_text import (
     stuffed,
 )
 
-__all__ = [
-    "SyntheticConfig", "SHAPES", "COLOURS", "CLASSNAMES", "TEMPLATES", "NOISE_KINDS", "SPLITS",
+__all__ = [ "SHAPES", "COLOURS", "CLASSNAMES", "TEMPLATES", "SPLITS",
     "sample_key", "make_sample", "make_shard", "write_synthetic", "ensure_synthetic",
     "CLASSNAME", "COUNT", "SIZE", "NOISE", "SOURCE_KEY", "SHARD", "SHAPE", "OBJECTS",
     "label_map", "has_objects",
@@ -65,64 +65,12 @@ TEMPLATES = [
     "a small {}.",
     "a large {}.",
 ]
-NOISE_KINDS = ("mismatch", "junk", "near_dup", "corrupt", "overlong")
 SPLITS = ("train", "eval")
 
 # Sidecar / manifest field names that are not sample columns (schema.py owns the columns).
 CLASSNAME, COUNT, SIZE, NOISE, SOURCE_KEY = "classname", "count", "size", "noise", "source_key"
 SHARD = "shard"                    # manifest: shard file name, e.g. "shard-00000.tar"
 SHAPE, OBJECTS = "shape", "objects"  # sidecar: shape name, objects' [cx, cy, r] in [0, 1]
-
-
-@dataclass(kw_only=True)
-class SyntheticConfig:
-    """How much data to generate and how noisy the train split is."""
-
-    seed: int = 0
-    """Master seed; every sample's randomness derives from (seed, split, index)."""
-    num_train: int = 8000
-    """Number of train samples."""
-    num_eval: int = 1000
-    """Number of eval samples (always clean)."""
-    image_size: int = 64
-    """Side of the square images, in pixels."""
-    shard_size: int = 1000
-    """Samples per .tar shard."""
-    mismatch_frac: float = 0.1
-    """Train fraction whose caption describes another image."""
-    junk_frac: float = 0.05
-    """Train fraction with junk alt-text ("IMG_4821.jpg", "click here", ...)."""
-    near_dup_frac: float = 0.05
-    """Train fraction that is a slightly perturbed copy of an earlier image in its shard."""
-    corrupt_frac: float = 0.01
-    """Train fraction whose image bytes are truncated or garbage (decode fails)."""
-    overlong_frac: float = 0.01
-    """Train fraction with keyword-stuffed captions longer than overlong_chars."""
-    overlong_chars: int = 2000
-    """Overlong captions are longer than this many characters."""
-
-    def __post_init__(self) -> None:
-        for name in ("num_train", "num_eval", "image_size", "shard_size", "overlong_chars"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SyntheticConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.image_size < 16:
-            raise ValueError(f"SyntheticConfig.image_size must be >= 16, got {self.image_size}")
-        for kind in NOISE_KINDS:
-            frac = getattr(self, f"{kind}_frac")
-            if not 0.0 <= frac <= 1.0:
-                raise ValueError(f"SyntheticConfig.{kind}_frac must be in [0, 1], got {frac}")
-        total = sum(getattr(self, f"{k}_frac") for k in NOISE_KINDS)
-        if total > 1.0 + 1e-9:
-            fields = ", ".join(f"{k}_frac" for k in NOISE_KINDS)
-            raise ValueError(f"SyntheticConfig noise fractions ({fields}) sum to {total} > 1")
-
-    def num(self, split: str) -> int:
-        """Number of samples in ``split``."""
-        return {"train": self.num_train, "eval": self.num_eval}[split]
-
-    def num_shards(self, split: str) -> int:
-        """Number of shards in ``split``."""
-        return -(-self.num(split) // self.shard_size)
 
 
 # --- samples -----------------------------------------------------------------------------------
@@ -376,8 +324,6 @@ def write_synthetic(cfg: SyntheticConfig, root: str, *, workers: int = 1) -> dic
 def ensure_synthetic(cfg: SyntheticConfig, root: str) -> str:
     """``root``, holding the built-in dataset: generated now unless ``root/dataset.json``
     shows an earlier run already wrote it."""
-    from vlmray.data.storage import exists
-
     if not exists(join(root, "dataset.json")):
         write_synthetic(cfg, root)
     return root

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlmray.data import schema
+from vlmray.data.ingest import cached_tokenizer
 from vlmray.data.render import render_texts
 from vlmray.data.view_ops import (
     TEXT_VIEWS,
@@ -44,75 +44,6 @@ from vlmray.data.view_ops import (
 if TYPE_CHECKING:
     from vlmray.config import DataConfig
     from vlmray.data.tokenize import Tokenizer
-
-IMAGE_VIEW_KINDS = ("global", "local")
-TEXT_VIEW_KINDS = ("eda", "summary", "attributes")
-CAPTION_SAMPLING = ("original", "uniform")
-
-
-@dataclass(kw_only=True)
-class ViewsConfig:
-    image: list[str] = field(default_factory=list)
-    """Augmented image views, in order (each one of ``global``: a random resized crop of
-    scale [global_min_scale, 1] with flip and colour jitter; ``local``: a crop of scale
-    [local_min_scale, local_max_scale], resized to the full side)."""
-    global_min_scale: float = 0.4
-    """Smallest area fraction of a ``global`` crop."""
-    local_min_scale: float = 0.05
-    """Smallest area fraction of a ``local`` crop."""
-    local_max_scale: float = 0.4
-    """Largest area fraction of a ``local`` crop."""
-    text: list[str] = field(default_factory=list)
-    """Derived texts, in order (each one of ``eda``: random word deletion/swap/repeat as EDA;
-    ``summary``: the caption's first clause; ``attributes``: its content words)."""
-    eda_prob: float = 0.1
-    """Per-word probability of each EDA edit."""
-    mlm_prob: float = 0.0
-    """Fraction of caption tokens masked for masked language modelling (0: off; BERT: 0.15)."""
-    render_text: bool = False
-    """Draw each caption onto an image (``schema.TEXT_PIXELS``) for CLIPPO's shared tower."""
-    seed: int = 0
-    """Seed of the view randomness (mixed with call counters and the process id: see above)."""
-    caption_sampling: Literal["original", "uniform"] = "original"
-    """``original``: TOKENS is the row's caption. ``uniform`` (La-CLIP): each time a row is
-    seen, TOKENS / TOKEN_MASK become one of its non-empty TOKENS_AUG slots (the original
-    caption and its rewrites), drawn uniformly; needs ``texts_aug`` in ``data.extra_texts``.
-    MLM masks the drawn tokens; text views and ``render_text`` still read the original caption
-    string (TEXT): the rewrites reach training as tokens only."""
-
-    def __post_init__(self) -> None:
-        if self.caption_sampling not in CAPTION_SAMPLING:
-            raise ValueError(f"data.views.caption_sampling: {self.caption_sampling!r} is not "
-                             f"one of {list(CAPTION_SAMPLING)}")
-        for kind in self.image:
-            if kind not in IMAGE_VIEW_KINDS:
-                raise ValueError(f"data.views.image: {kind!r} is not one of "
-                                 f"{list(IMAGE_VIEW_KINDS)}")
-        for kind in self.text:
-            if kind not in TEXT_VIEW_KINDS:
-                raise ValueError(f"data.views.text: {kind!r} is not one of "
-                                 f"{list(TEXT_VIEW_KINDS)}")
-        if not 0.0 < self.global_min_scale <= 1.0:
-            raise ValueError(f"data.views.global_min_scale must be in (0, 1], got "
-                             f"{self.global_min_scale}")
-        if not 0.0 < self.local_min_scale <= self.local_max_scale <= 1.0:
-            raise ValueError("data.views: need 0 < local_min_scale <= local_max_scale <= 1, got "
-                             f"{self.local_min_scale}, {self.local_max_scale}")
-        for name in ("eda_prob", "mlm_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"data.views.{name} must be in [0, 1), got "
-                                 f"{getattr(self, name)}")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.image or self.text or self.mlm_prob > 0 or self.render_text
-                    or self.caption_sampling != "original")
-
-    @property
-    def needs_text(self) -> bool:
-        """Whether the stage reads the caption string (so training rows must keep it)."""
-        return bool(self.text or self.render_text)
-
 
 _PROCESS_CALLS = itertools.count()
 
@@ -139,8 +70,6 @@ class ViewStage:
             self._tokenizer().mask_id          # fail now, not in a worker, if there is no [MASK]
 
     def _tokenizer(self) -> Tokenizer:
-        from vlmray.data.ingest import cached_tokenizer  # lazy: ingest pulls in curation
-
         return cached_tokenizer(*self.tokenizer_args)
 
     def _rng(self) -> np.random.Generator:
@@ -225,5 +154,5 @@ def sample_captions(tokens: np.ndarray, mask: np.ndarray, tokens_aug: np.ndarray
     return out_t, out_m
 
 
-__all__ = ["CAPTION_SAMPLING", "IMAGE_VIEW_KINDS", "TEXT_VIEW_KINDS", "ViewStage", "ViewsConfig",
+__all__ = [ "ViewStage",
            "sample_captions"]

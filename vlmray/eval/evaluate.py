@@ -5,14 +5,39 @@ as images at the held-out images' size (``vlmray.data.render``) instead of token
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlmray.data.tokenize import Tokenizer
 from vlmray.eval.heldout import HeldOut, class_prompts
 from vlmray.eval.metrics import class_embeddings, recall_at_k, topk_accuracy
-from vlmray.models import DualEncoder
-from vlmray.objectives import ObjectiveMix
+
+
+class DualEncoder(Protocol):
+    """What evaluation needs from a model (``vlmray.models.DualEncoder`` and every arch): the
+    two towers, each returning ``(embeds (B, D), ...)``, and ``nn.Module``'s mode and
+    parameters. Evaluation sits below the models layer, so it names them by this shape."""
+
+    training: bool
+
+    def encode_image(self, pixels: Tensor, *, refs: Any = None) -> tuple[Tensor, ...]: ...
+
+    def encode_text(self, text: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]: ...
+
+    def parameters(self) -> Any: ...
+
+    def eval(self) -> nn.Module: ...
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+
+class ObjectiveEvaluation(Protocol):
+    """What the objectives' own held-out measurements look like (``ObjectiveMix.evaluate``):
+    generated-caption overlap, ITM accuracy and the like, by metric name."""
+
+    def evaluate(self, model: Any, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]: ...
 
 
 @torch.no_grad()
@@ -60,7 +85,8 @@ def _text_embeds(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, bs: in
 
 @torch.no_grad()
 def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
-             batch_size: int = 256, objectives: ObjectiveMix | None = None) -> dict[str, float]:
+             batch_size: int = 256,
+             objectives: ObjectiveEvaluation | None = None) -> dict[str, float]:
     """Returns zero_shot_top1/top5, zero_shot_chance and retrieval_{i2t,t2i}_r{1,5,10}, plus
     what the model measures itself (``model.evaluate_heldout(data, tokenizer)``, e.g. SegCLIP's
     segmentation mIoU) and what the objectives' own parts measure (``ObjectiveMix.evaluate``,
@@ -90,4 +116,4 @@ def _evaluate_dual(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer,
             "zero_shot_chance": 1.0 / len(data.classnames), **recall_at_k(img, txt)}
 
 
-__all__ = ["evaluate", "reads_rendered_text"]
+__all__ = ["DualEncoder", "ObjectiveEvaluation", "evaluate", "reads_rendered_text"]

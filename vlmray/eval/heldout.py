@@ -12,7 +12,9 @@ from torch import Tensor
 
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
+from vlmray.data.render import render_texts
 from vlmray.data.shards import iter_shards, load_classes
+from vlmray.data.storage import arrow_filesystem
 from vlmray.data.tokenize import Tokenizer
 
 
@@ -54,8 +56,6 @@ class HeldOut:
         return self._render("prompts", class_prompts(self.classnames, self.templates), size)
 
     def _render(self, kind: str, texts: list[str], size: int) -> Tensor:
-        from vlmray.data.render import render_texts
-
         if (kind, size) not in self._rendered:
             self._rendered[kind, size] = torch.from_numpy(render_texts(texts, size))
         return self._rendered[kind, size]
@@ -65,8 +65,6 @@ class HeldOut:
         (columns KEY, REF_IMAGE_EMBEDS, REF_TEXT_EMBEDS, REF_MASK; written by
         :func:`vlmray.retrieval.feed.write_eval_refs`). Every held-out key must be there."""
         import pyarrow.parquet as pq
-
-        from vlmray.data.storage import arrow_filesystem
 
         fs, path = arrow_filesystem(uri)
         table = pq.read_table(path, filesystem=fs)

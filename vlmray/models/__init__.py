@@ -65,8 +65,6 @@ def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = Fals
     RA-CLIP fields that cannot build. ``ref_dim_filled_later``: accept ``ra_ref_dim == 0`` with
     ``ra_layers > 0`` because a retrieval stage fills it from its index before the model is
     built (``build_model`` checks it again)."""
-    from vlmray.config import ConfigError
-
     if cfg.arch not in MODEL_ARCHS:
         raise ConfigError(f"model.arch: {cfg.arch!r} is not one of {MODEL_ARCHS.names()}")
     check_arch = ARCH_CHECKS.get(cfg.arch)
@@ -93,8 +91,6 @@ def validate_model_config(cfg: ModelConfig, *, ref_dim_filled_later: bool = Fals
 
 def _check_retrieval(cfg: ModelConfig, *, ref_dim_filled_later: bool = False) -> None:
     """RA-CLIP fields: off (ra_layers == 0), or a reference width and heads that fit."""
-    from vlmray.config import ConfigError
-
     if cfg.ra_layers < 0:
         raise ConfigError(f"model.ra_layers must be >= 0 (0 = off), got {cfg.ra_layers}")
     if cfg.ra_layers == 0:
@@ -113,6 +109,7 @@ __all__ = ["ARCH_CHECKS", "MODEL_ARCHS", "NN_TEXT_EMBEDS", "DualEncoder", "Outpu
            "RetrievalAugmentation", "TextTower", "VisionTower", "build_dual_encoder", "build_model",
            "validate_model_config"]
 # Importing registers each arch in MODEL_ARCHS (and ARCH_CHECKS).
+from vlmray.config import ConfigError
 from vlmray.models import clippo as _clippo  # noqa: E402, F401
 from vlmray.models import fiber as _fiber  # noqa: E402, F401
 from vlmray.models import oner as _oner  # noqa: E402, F401

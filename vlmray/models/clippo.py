@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmray.config import ConfigError
 from vlmray.data import schema
 from vlmray.models import MODEL_ARCHS
 from vlmray.models.dual_encoder import LogitScale
@@ -120,8 +121,6 @@ def build_clippo(cfg: ModelConfig, *, image_size: int, vocab_size: int,
                  context_length: int) -> Clippo:
     """One ``cfg.vision`` tower (``cfg.vision_kwargs``) and a projection to ``cfg.embed_dim``;
     ``vocab_size``, ``context_length`` and ``cfg.text`` are unused (no tokenizer)."""
-    from vlmray.config import ConfigError
-
     del vocab_size, context_length
     if cfg.ra_layers > 0:
         raise ConfigError("model.arch='clippo' has no retrieval augmentation module: set "

@@ -37,6 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmray.data.synthetic import has_objects, label_map
+from vlmray.eval.heldout import class_prompts
+from vlmray.eval.metrics import class_embeddings
+from vlmray.eval.segmentation import (
+    confusion_matrix,
+    patch_labels,
+    segmentation_scores,
+    upsample_labels,
+)
 from vlmray.models import ARCH_CHECKS, MODEL_ARCHS
 from vlmray.models.dual_encoder import DualEncoder
 from vlmray.models.towers import TextTower, VisionTower
@@ -146,13 +155,6 @@ class SegClip(DualEncoder):
         """Open-vocabulary segmentation on the first <= 128 held-out images whose sidecars
         carry their objects: seg_miou, seg_miou_fg, seg_pixel_acc, and the mIoU of an
         all-background prediction (seg_miou_all_background) to compare with."""
-        from vlmray.data.synthetic import has_objects, label_map
-        from vlmray.eval.segmentation import (
-            confusion_matrix,
-            patch_labels,
-            segmentation_scores,
-            upsample_labels,
-        )
 
         rows = [i for i, m in enumerate(data.metas[:SEG_MAX_IMAGES]) if m and has_objects(m)]
         if not rows or self.vision.patch_grid is None:
@@ -175,8 +177,6 @@ class SegClip(DualEncoder):
     def segmentation_classes(self, data: HeldOut, tokenizer: Tokenizer) -> Tensor:
         """(C + 1, D) normalised text embeddings: row 0 the background prompt, row c + 1 class
         c's templates averaged (as zero-shot classification does)."""
-        from vlmray.eval.heldout import class_prompts
-        from vlmray.eval.metrics import class_embeddings
 
         device = self.log_logit_scale.device
         ids, mask = tokenizer(class_prompts(data.classnames, data.templates) + [BACKGROUND_PROMPT])

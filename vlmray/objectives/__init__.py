@@ -14,7 +14,6 @@ from vlmray.objectives.base import LossResult, Objective, SetupContext
 from vlmray.objectives.mix import ObjectiveMix
 from vlmray.objectives.registry import (
     OBJECTIVES,
-    ObjectiveSpec,
     build_objective,
     list_objectives,
     register_objective,
@@ -27,7 +26,6 @@ __all__ = [
     "LossResult",
     "Objective",
     "ObjectiveMix",
-    "ObjectiveSpec",
     "SetupContext",
     "build_objective",
     "list_objectives",

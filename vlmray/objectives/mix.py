@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.objectives.base import LossResult, Metric, Objective, SetupContext
-from vlmray.objectives.registry import ObjectiveSpec, build_objective, validate_specs
+from vlmray.objectives.registry import build_objective, check_mix
 
 if TYPE_CHECKING:
     from vlmray.data.tokenize import Tokenizer
@@ -41,8 +42,10 @@ class ObjectiveMix(nn.Module):
 
     @classmethod
     def from_specs(cls, specs: Sequence[ObjectiveSpec]) -> ObjectiveMix:
-        """Build every spec (validated first: distinct names, known params)."""
-        validate_specs(specs)
+        """Build every spec: the mix is checked (non-empty, distinct names), and building
+        checks each spec's name, params and weight. ``vlmray.validate`` ran the same checks on
+        the driver before any work; here they guard direct use of the library."""
+        check_mix(specs)
         return cls({s.name: build_objective(s) for s in specs}, {s.name: s.weight for s in specs})
 
     def setup(self, ctx: SetupContext) -> ObjectiveMix:

@@ -21,25 +21,13 @@ import difflib
 import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmray._registry import Registry, UnknownNameError
+from vlmray.config.objectives import ObjectiveSpec
 from vlmray.objectives.base import Objective
 
 OBJECTIVES = Registry[type[Objective]]("objective")
-
-
-@dataclass(kw_only=True)
-class ObjectiveSpec:
-    """One term of the training loss: ``weight * objective(name, **params)``."""
-
-    name: str
-    """Registry name, e.g. ``"clip"`` (see ``list_objectives()``)."""
-    weight: float = 1.0
-    """Non-negative weight w_i in ``sum_i w_i * loss_i``."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Fields of the objective's ``Config``; unknown names are rejected."""
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
@@ -68,14 +56,19 @@ def validate_spec(spec: ObjectiveSpec) -> None:
 
 def validate_specs(specs: Sequence[ObjectiveSpec]) -> None:
     """Validate every spec of a mix, and that the mix is non-empty with distinct names."""
+    check_mix(specs)
+    for spec in specs:
+        validate_spec(spec)
+
+
+def check_mix(specs: Sequence[ObjectiveSpec]) -> None:
+    """The mix-level checks alone: non-empty, no name twice (building checks each spec)."""
     if not specs:
         raise ValueError("need at least one objective; valid: " + ", ".join(list_objectives()))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"objective(s) {repeated} listed more than once; merge their weights")
-    for spec in specs:
-        validate_spec(spec)
 
 
 def build_objective(spec: ObjectiveSpec) -> Objective:
@@ -147,10 +140,10 @@ def _check_value(what: str, value: Any, annotation: Any) -> None:
 
 __all__ = [
     "OBJECTIVES",
-    "ObjectiveSpec",
     "build_objective",
     "list_objectives",
     "register_objective",
     "validate_spec",
+    "check_mix",
     "validate_specs",
 ]

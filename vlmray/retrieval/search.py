@@ -25,7 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.data import schema
-from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, as_str_column, num_rows
+from vlmray.data.curation.stage import (
+    Batch,
+    Resources,
+    Stage,
+    StageOutput,
+    as_str_column,
+    num_rows,
+)
 from vlmray.data.storage import filesystem
 from vlmray.retrieval.index import BuiltIndex
 

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from vlmray.rewrite.config import SMOLLM2, RewriteConfig
+from vlmray.config.rewrite import SMOLLM2, RewriteConfig
 
 if TYPE_CHECKING:
     import ray.data

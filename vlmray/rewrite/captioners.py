@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vlmray.config.rewrite import RewriteConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import CAPTION_TOKENS, RAW_CAPTION, Captioner, register_captioner
-from vlmray.rewrite.config import RewriteConfig
 
 if TYPE_CHECKING:
     import ray.data

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vlmray.config.rewrite import RewriteConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import (
     PromptBuilder,
@@ -32,7 +33,6 @@ from vlmray.rewrite.base import (
     resolve_llm,
     tokens_column,
 )
-from vlmray.rewrite.config import RewriteConfig
 
 MAX_INPUT_WORDS = 256
 """Longer captions (keyword stuffing) are cut to this many words before prompting."""

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any
 
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.config.rewrite import RewriteConfig
 
 SYSTEM = ("You rewrite image captions. Rewrite the caption in different words, keeping every "
           "visual fact (objects, counts, colours, sizes, positions) and adding nothing. Answer "

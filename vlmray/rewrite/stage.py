@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from vlmray.config.rewrite import RewriteConfig, ValidateConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import (
     CAPTION_TOKENS,
@@ -33,7 +34,6 @@ from vlmray.rewrite.base import (
     rewrite_backend,
     tokens_column,
 )
-from vlmray.rewrite.config import RewriteConfig, ValidateConfig
 from vlmray.rewrite.prompts import LaClipPrompts
 from vlmray.rewrite.validate import (
     SKIPPED_REJECTED,

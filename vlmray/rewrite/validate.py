@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
-from vlmray.rewrite.config import ValidateConfig
+from vlmray.config.rewrite import ValidateConfig
 
 REASONS = ("empty_input", "refusal", "empty", "chatter", "echo", "too_long", "repetition",
            "off_topic")
@@ -160,9 +160,9 @@ class Agreement:
     def _load(self) -> Callable[[list[str]], np.ndarray]:
         import torch
 
-        from vlmray.retrieval.embed import MiniLMEmbedder, _resolve_minilm
+        from vlmray.embedders import resolve_minilm  # lazy: model code, only when checking
 
-        model = MiniLMEmbedder(_resolve_minilm(), torch.device("cpu"))
+        model = resolve_minilm().load("cpu")
 
         def embed(texts: list[str]) -> np.ndarray:
             with torch.inference_mode():

@@ -51,6 +51,7 @@ import os
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from vlmray.config.rewrite import SMOLLM2, RewriteConfig, SamplingConfig
 from vlmray.data import schema
 from vlmray.rewrite.base import (
     CAPTION_TOKENS,
@@ -63,7 +64,6 @@ from vlmray.rewrite.base import (
     register_captioner,
     tokens_column,
 )
-from vlmray.rewrite.config import SMOLLM2, RewriteConfig, SamplingConfig
 
 if TYPE_CHECKING:
     import ray.data

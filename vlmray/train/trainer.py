@@ -46,7 +46,8 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
             raise ConfigError(f"single-source sampling needs >= 2 sources and a dataset for "
                               f"each; sizes {source_sizes}, missing datasets {missing}")
     scaling = scaling_for(cfg.train)
-    if cfg.train.batch_size % scaling.num_workers:
+    if not cfg.train.num_workers and cfg.train.batch_size % scaling.num_workers:
+        # num_workers=0 is resolved here (one per GPU); an explicit count was checked by validate
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
                           f"{scaling.num_workers} workers")
     run_config = ray.train.RunConfig(

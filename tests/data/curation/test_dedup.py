@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from vlmray.config.curation import DedupConfig
 from vlmray.data import schema
 from vlmray.data.curation.dedup import (
     DUPLICATE_IMAGE,
@@ -21,7 +22,6 @@ from vlmray.data.curation.dedup import (
     REASONS,
     REPEATED_CAPTION,
     Dedup,
-    DedupConfig,
     band_masks,
     close_pairs,
     near_duplicates,

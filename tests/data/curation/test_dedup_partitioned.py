@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vlmray.config.curation import DedupConfig, ScoreConfig
 from vlmray.data import schema
 from vlmray.data.curation import dedup_partitioned as dp
 from vlmray.data.curation import scatter as sc
@@ -29,12 +30,11 @@ from vlmray.data.curation.dedup import (
     REASONS,
     REPEATED_CAPTION,
     Dedup,
-    DedupConfig,
     band_blocks,
     band_masks,
 )
 from vlmray.data.curation.hashing import text_signature
-from vlmray.data.curation.score import ScoreConfig, TopFraction
+from vlmray.data.curation.score import TopFraction
 from vlmray.data.curation.stage import Decisions
 from vlmray.data.curation.twopass import (
     FileDecisions,

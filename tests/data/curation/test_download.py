@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from vlmray.cli import field_docs
+from vlmray.config.curation import DownloadConfig
 from vlmray.data import schema
 from vlmray.data.curation.download import (
     DOWNLOAD_ERROR,
@@ -27,7 +28,6 @@ from vlmray.data.curation.download import (
     DOWNLOAD_TIMEOUT,
     DOWNLOAD_TOO_LARGE,
     ROBOTS_DISALLOWED,
-    DownloadConfig,
     DownloadStage,
     robots_disallowed,
 )

@@ -17,6 +17,8 @@ from tests.data.curation.corpus import (
     grey16_png,
     palette_alpha_png,
 )
+from vlmray.config.curation import IMAGE_SUFFIX, ImageConfig
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.curation.hashing import phash, sha256_hex
 from vlmray.data.curation.images import (
@@ -29,15 +31,13 @@ from vlmray.data.curation.images import (
     EMPTY_IMAGE,
     EXIF_ROTATED,
     HIGH_BIT_DEPTH_SCALED,
-    IMAGE_SUFFIX,
     IMAGE_TOO_SMALL,
     MISSING_IMAGE,
     REASONS,
     REPAIRS,
-    ImageConfig,
     ImageStage,
 )
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
 
 LOSSLESS = ImageConfig(format="png", resize="none")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmray.config import field_paths
-from vlmray.data.curation.config import CurateJobConfig
+from vlmray.config.jobs import CurateJobConfig
 
 _spec = importlib.util.spec_from_file_location(
     "curate_job", Path(__file__).resolve().parents[3] / "jobs" / "curate.py")
@@ -47,7 +47,7 @@ def test_help_documents_every_field(capsys) -> None:
 
 
 def test_missing_input_and_bad_model_fail_before_work(tmp_path) -> None:
-    from pipelines.curate import validate_job
+    from vlmray.pipelines.curate import validate_job
 
     with pytest.raises(FileNotFoundError, match="no input"):
         validate_job(CurateJobConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "o")))

@@ -12,14 +12,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.curate import EXIT_AFTER_STAGING, run
 from tests.data.curation.corpus import bad_rows
+from vlmray.config.curation import WriteConfig
+from vlmray.config.data import SyntheticConfig
+from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
-from vlmray.data.curation.config import CurateJobConfig
-from vlmray.data.curation.writers import WriteConfig
 from vlmray.data.shards import encode_shard, iter_shards
 from vlmray.data.storage import filesystem, join
-from vlmray.data.synthetic import SyntheticConfig, write_synthetic
+from vlmray.data.synthetic import write_synthetic
+from vlmray.pipelines.curate import EXIT_AFTER_STAGING, run
 
 ROOT = Path(__file__).resolve().parents[3]
 SYN = SyntheticConfig(num_train=400, num_eval=20, shard_size=100, corrupt_frac=0.03,

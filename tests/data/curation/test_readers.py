@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlmray.cli import field_docs
+from vlmray.config.curation import ReadConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import (
     COLUMNS,
-    ReadConfig,
     list_inputs,
     read_file,
     read_inputs,

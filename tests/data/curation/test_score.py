@@ -18,26 +18,26 @@ from PIL import Image
 
 from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import Config
+from vlmray.config.curation import ScoreConfig
+from vlmray.config.data import SyntheticConfig
 from vlmray.data import schema
 from vlmray.data.curation.hashing import normalise_caption
-from vlmray.data.curation.score import (
-    BELOW_TOP_FRACTION,
-    CLIP_MEAN,
-    CLIP_STD,
-    LOW_CLIP_SCORE,
-    ScoreConfig,
-    ScoreStage,
-    TopFraction,
-)
+from vlmray.data.curation.score import BELOW_TOP_FRACTION, LOW_CLIP_SCORE, ScoreStage, TopFraction
 from vlmray.data.decode import prepare_rows
 from vlmray.data.ingest import decode_spec, tokenizer_for
 from vlmray.data.storage import filesystem
-from vlmray.data.synthetic import SyntheticConfig, make_sample
+from vlmray.data.synthetic import make_sample
+from vlmray.embedders import CLIP_MEAN, CLIP_STD, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SYN = SyntheticConfig(num_train=12, num_eval=4, image_size=48, shard_size=12)
 N = 8
+
+
+def scored(cfg: ScoreConfig) -> ScoreStage:
+    """The stage as the composing code builds it: the model resolved first, then handed in."""
+    return ScoreStage(cfg, resolve_model(cfg.model))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def direct_vlmray(cfg: Config, model: torch.nn.Module, samples: list[dict]) -> n
 
 def test_vlmray_checkpoint_scores_match_the_model(run_dir, samples) -> None:
     run, cfg, model = run_dir
-    stage = ScoreStage(ScoreConfig(model=str(run), batch_size=3))   # the run dir: latest used
+    stage = scored(ScoreConfig(model=str(run), batch_size=3))   # the run dir: latest used
     stage = pickle.loads(pickle.dumps(stage))                        # ships light, loads later
     assert stage._embedder is None and stage.resources.actors == 1
     out = stage(rows(samples))
@@ -97,7 +97,7 @@ def test_rejected_rows_pass_untouched_and_threshold_rejects(run_dir, samples) ->
     run, cfg, model = run_dir
     expected = direct_vlmray(cfg, model, samples)
     cut = float(np.median(expected))
-    stage = ScoreStage(ScoreConfig(model=str(run / "ray" / "checkpoint_000003"), min_score=cut))
+    stage = scored(ScoreConfig(model=str(run / "ray" / "checkpoint_000003"), min_score=cut))
     batch = rows(samples, rejected={1: "empty_text", 4: "decode_error"})
     out = stage(batch)
     for i in (1, 4):
@@ -118,30 +118,30 @@ def test_checkpoint_on_s3(run_dir, samples, s3_bucket) -> None:
     run, cfg, model = run_dir
     fs, root = filesystem(f"{s3_bucket}/runs/a")
     fs.put(str(run), root, recursive=True)
-    stage = ScoreStage(ScoreConfig(model=f"{s3_bucket}/runs/a"))
+    stage = scored(ScoreConfig(model=f"{s3_bucket}/runs/a"))
     assert stage.source.path.startswith("s3://") and stage.source.path.endswith("000003")
     out = stage(rows(samples))
     np.testing.assert_allclose(out[schema.CLIP_SCORE], direct_vlmray(cfg, model, samples),
                                atol=1e-5)
 
 
-def test_missing_or_invalid_model_fails_at_construction(tmp_path, run_dir) -> None:
+def test_missing_or_invalid_model_fails_when_resolved(tmp_path, run_dir) -> None:
     with pytest.raises(FileNotFoundError, match="no vlmray checkpoint"):
-        ScoreStage(ScoreConfig(model=str(tmp_path / "nowhere")))
+        resolve_model(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no vlmray checkpoint"):
-        ScoreStage(ScoreConfig(model=str(tmp_path / "empty")))
+        resolve_model(str(tmp_path / "empty"))
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("state.pt", "progress.json"):
         (bad / name).write_text(json.dumps({"step": 1}))
     (bad / "config.json").write_text(json.dumps({"not_a_field": 1}))
     with pytest.raises(ValueError, match="not a vlmray config"):
-        ScoreStage(ScoreConfig(model=str(bad)))
+        resolve_model(str(bad))
     with pytest.raises(FileNotFoundError, match="not a local directory"):
-        ScoreStage(ScoreConfig(model=f"hf:{tmp_path / 'nowhere'}"))
+        resolve_model(f"hf:{tmp_path / 'nowhere'}")
     with pytest.raises(ValueError, match="scoring is off"):
-        ScoreStage(ScoreConfig())
+        ScoreStage(ScoreConfig(), resolve_model(str(run_dir[0])))
 
 
 def test_config_validation() -> None:
@@ -215,7 +215,7 @@ def direct_clip(path: Path, samples: list[dict]) -> np.ndarray:
 
 def test_hf_clip_scores_match_the_model(hf_dir, samples) -> None:
     assert not (hf_dir / "preprocessor_config.json").exists()
-    stage = ScoreStage(ScoreConfig(model=f"hf:{hf_dir}", batch_size=5, device="cpu"))
+    stage = scored(ScoreConfig(model=f"hf:{hf_dir}", batch_size=5, device="cpu"))
     out = stage(rows(samples, rejected={2: "empty_text"}))
     scores = out[schema.CLIP_SCORE]
     assert np.isnan(scores[2]) and np.all(np.abs(np.delete(scores, 2)) <= 1.0)
@@ -223,10 +223,10 @@ def test_hf_clip_scores_match_the_model(hf_dir, samples) -> None:
     np.testing.assert_allclose(np.delete(scores, 2), np.delete(expected, 2), atol=1e-5)
 
 
-def test_hf_dir_that_is_not_a_clip_fails_at_construction(tmp_path) -> None:
+def test_hf_dir_that_is_not_a_clip_fails_when_resolved(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="only 'clip'"):
-        ScoreStage(ScoreConfig(model=f"hf:{tmp_path}"))
+        resolve_model(f"hf:{tmp_path}")
 
 
 # --- keep the top fraction ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from vlmray.config.curation import TextConfig
 from vlmray.data import schema
 from vlmray.data.curation import text as text_mod
 from vlmray.data.curation.hashing import text_signature
@@ -23,7 +24,6 @@ from vlmray.data.curation.text import (
     TOO_FEW_LETTERS,
     WHITESPACE_NORMALISED,
     WRONG_LANGUAGE,
-    TextConfig,
     TextStage,
 )
 from vlmray.data.synthetic_text import COLOURS, SHAPES, caption, junk_alt_text, stuffed

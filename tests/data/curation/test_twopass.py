@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import DedupConfig, ScoreConfig
 from vlmray.data import schema
-from vlmray.data.curation.dedup import Dedup, DedupConfig
-from vlmray.data.curation.score import ScoreConfig, TopFraction
+from vlmray.data.curation.dedup import Dedup
+from vlmray.data.curation.score import TopFraction
 from vlmray.data.curation.stage import Decisions
 from vlmray.data.curation.twopass import (
     FileDecisions,

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from vlmray.config.curation import WriteConfig
 from vlmray.data import schema
 from vlmray.data.curation import piece_writer
 from vlmray.data.curation.piece_writer import (
@@ -26,7 +27,7 @@ from vlmray.data.curation.piece_writer import (
     write_piece,
     write_shards_streamed,
 )
-from vlmray.data.curation.writers import WriteConfig, encode_rows
+from vlmray.data.curation.writers import encode_rows
 from vlmray.data.storage import exists, filesystem, join, remove, write_bytes_atomic
 
 FILES, PER_FILE = 3, 23           # 69 rows; every 4th rejected -> 52 kept

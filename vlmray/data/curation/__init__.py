@@ -2,5 +2,5 @@
 
 Row-level stages (:mod:`.text`, :mod:`.images`, :mod:`.download`, :mod:`.score`) follow the
 contract in :mod:`.stage`; whole-dataset decisions (:mod:`.dedup`, keep-top-fraction) return
-:class:`~.stage.Decisions`. ``pipelines/curate.py`` composes them into a Ray Data plan.
+:class:`~.stage.Decisions`. ``vlmray.pipelines.curate`` composes them into a Ray Data plan.
 """

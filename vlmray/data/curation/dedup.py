@@ -25,11 +25,11 @@ import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from vlmray.config.curation import DedupConfig
 from vlmray.data import schema
 from vlmray.data.curation.hashing import hamming, normalise_caption
 from vlmray.data.curation.stage import Batch, Decisions, GlobalStage
@@ -40,57 +40,10 @@ NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
 REPEATED_CAPTION = "repeated_caption"
 REASONS = (DUPLICATE_KEY, DUPLICATE_IMAGE, NEAR_DUPLICATE_IMAGE, REPEATED_CAPTION)
 
-MAX_PHASH_THRESHOLD = 16        # unrelated images differ in ~32 bits; more is no near-dup
 MINHASH_PERMUTATIONS = 128
 MINHASH_SEED = 0x5EED
 LSH_RECALL = 0.99                # P(a pair at the Jaccard threshold becomes a candidate)
 _PRIME = np.uint64(4294967291)            # largest prime below 2**32: (a*x + b) fits in uint64
-
-
-@dataclass(kw_only=True)
-class DedupConfig:
-    """Which duplicate rules run, and how close counts as a duplicate."""
-
-    keys: bool = True
-    """Reject rows whose key repeats an earlier row's (``duplicate_key``)."""
-    exact: bool = True
-    """Reject rows whose image bytes (SHA-256) equal an earlier row's (``duplicate_image``)."""
-    near: bool = True
-    """Reject rows whose image phash is within ``phash_threshold`` bits of an earlier kept
-    row's (``near_duplicate_image``)."""
-    phash_threshold: int = 4
-    """Largest Hamming distance between 64-bit phashes that counts as a near-duplicate."""
-    captions: bool = True
-    """Reject rows whose caption repeats too often (``repeated_caption``): boilerplate
-    alt-text ("click here", "image", "DSC0001.jpg") shared by many unrelated images."""
-    max_caption_repeats: int = 15
-    """A row is rejected when its caption is a near-duplicate of more than this many earlier
-    kept captions (so at most this many repeats, after the first, are kept)."""
-    caption_jaccard: float = 0.0
-    """0: captions are duplicates only when their normalised text is equal; > 0: also when
-    the Jaccard similarity of their word shingles is at least this (MinHash + LSH)."""
-    caption_shingle: int = 2
-    """Words per shingle for ``caption_jaccard`` (a caption shorter than this is one shingle)."""
-    partitions: int = 0
-    """How many partitions the decision runs in when it runs through the two-pass global step
-    (:mod:`vlmray.data.curation.dedup_partitioned`): 0 = one per ~5M live rows, so a table
-    smaller than that stays in one task; 1 = one task over the whole compact table; N > 1 =
-    N partitions (each rule hashes a value to one of N, one bounded Ray task each). The
-    decisions are the same whatever the number; only memory per task and parallelism change."""
-
-    def __post_init__(self) -> None:
-        checks = {"phash_threshold": 0 <= self.phash_threshold <= MAX_PHASH_THRESHOLD,
-                  "max_caption_repeats": self.max_caption_repeats >= 0,
-                  "caption_jaccard": 0.0 <= self.caption_jaccard <= 1.0,
-                  "caption_shingle": self.caption_shingle >= 1,
-                  "partitions": self.partitions >= 0}
-        bounds = {"phash_threshold": f"in [0, {MAX_PHASH_THRESHOLD}]",
-                  "max_caption_repeats": ">= 0", "caption_jaccard": "in [0, 1]",
-                  "caption_shingle": ">= 1", "partitions": ">= 0 (0 = auto)"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"DedupConfig.{name} must be {bounds[name]}, "
-                                 f"got {getattr(self, name)}")
 
 
 class Dedup(GlobalStage):
@@ -422,6 +375,6 @@ def similar_captions(texts: np.ndarray, jaccard: float, shingle: int) -> dict[in
 
 
 __all__ = ["DUPLICATE_IMAGE", "DUPLICATE_KEY", "NEAR_DUPLICATE_IMAGE", "REASONS",
-           "REPEATED_CAPTION", "Dedup", "DedupConfig", "band_blocks", "band_masks", "close_pairs",
+           "REPEATED_CAPTION", "Dedup", "band_blocks", "band_masks", "close_pairs",
            "first_of_group", "minhash", "near_duplicates", "repeated_captions", "shingles",
            "similar_captions"]

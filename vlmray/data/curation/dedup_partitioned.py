@@ -57,13 +57,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import DedupConfig
 from vlmray.data import schema
 from vlmray.data.curation.dedup import (
     DUPLICATE_IMAGE,
     DUPLICATE_KEY,
     NEAR_DUPLICATE_IMAGE,
     REPEATED_CAPTION,
-    DedupConfig,
     _by_first_occurrence,
     _earliest_kept,
     band_blocks,
@@ -71,8 +71,6 @@ from vlmray.data.curation.dedup import (
     first_of_group,
     repeated_captions,
 )
-from vlmray.data.curation.stage import Batch, Decisions, GlobalStage
-from vlmray.data.curation.twopass import FILES_INDEX, FileDecisions, file_index, write_decisions
 from vlmray.data.curation.scatter import (
     DST,
     DST_VALUE,
@@ -94,6 +92,8 @@ from vlmray.data.curation.scatter import (
     to_batch,
     to_table,
 )
+from vlmray.data.curation.stage import Batch, Decisions, GlobalStage
+from vlmray.data.curation.twopass import FILES_INDEX, FileDecisions, file_index, write_decisions
 from vlmray.data.storage import arrow_filesystem, filesystem, join, open_write, remove
 
 if TYPE_CHECKING:

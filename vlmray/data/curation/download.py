@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from vlmray.config.curation import DownloadConfig
 from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, filled, num_rows
 
@@ -40,51 +41,6 @@ ROBOTS_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "none"})
 _ARGUMENT_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview",
                                   "max-video-preview"})   # "name: value", not "bot: directive"
 _SCHEMES = ("http", "https")
-
-
-@dataclass(kw_only=True)
-class DownloadConfig:
-    """How URL-list images are fetched."""
-
-    timeout_s: float = 10.0
-    """Seconds to wait to connect and for each read of the response."""
-    deadline_s: float = 60.0
-    """Most seconds one attempt may take, checked as the body arrives: a server that trickles
-    bytes just faster than ``timeout_s`` is cut off here (``download_timeout``) instead of
-    holding a download thread, and the batch waiting on it, for as long as it likes."""
-    retries: int = 2
-    """Extra attempts after a timeout, connection error or HTTP 5xx/429 (never other 4xx)."""
-    backoff_s: float = 0.5
-    """Wait before retry ``k`` (1-based): ``backoff_s * 2 ** (k - 1)`` seconds."""
-    threads: int = 16
-    """Concurrent requests per worker."""
-    per_host: int = 4
-    """Most concurrent requests to one host within a worker."""
-    max_bytes: int = 20_000_000
-    """Larger bodies are rejected as ``download_too_large``."""
-    user_agent: str = "vlmray/0.1 (image-text curation)"
-    """``User-Agent`` header; its first token (``vlmray``) is our bot name for X-Robots-Tag."""
-    respect_robots_headers: bool = True
-    """Reject responses whose ``X-Robots-Tag`` says ``noai``, ``noimageai``, ``noindex`` or
-    ``none`` for all bots or for ours."""
-
-    def __post_init__(self) -> None:
-        positive = {"timeout_s": self.timeout_s, "deadline_s": self.deadline_s,
-                    "threads": self.threads,
-                    "per_host": self.per_host, "max_bytes": self.max_bytes}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"download.{name} must be > 0, got {value!r}")
-        for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
-            if not value >= 0:
-                raise ValueError(f"download.{name} must be >= 0, got {value!r}")
-        if not self.user_agent.strip():
-            raise ValueError("download.user_agent must be non-empty")
-
-    @property
-    def bot_token(self) -> str:
-        """Our name in ``X-Robots-Tag: <bot>: <directive>``: the user agent's first token."""
-        return self.user_agent.split()[0].split("/")[0].lower()
 
 
 def robots_disallowed(values: Iterable[str], bot: str) -> bool:
@@ -269,5 +225,5 @@ def _host(url: str) -> str | None:
 
 
 __all__ = ["DOWNLOAD_ERROR", "DOWNLOAD_HTTP_ERROR", "DOWNLOAD_TIMEOUT", "DOWNLOAD_TOO_LARGE",
-           "REASONS", "ROBOTS_DIRECTIVES", "ROBOTS_DISALLOWED", "DownloadConfig", "DownloadStage",
+           "REASONS", "ROBOTS_DIRECTIVES", "ROBOTS_DISALLOWED", "DownloadStage",
            "robots_disallowed"]

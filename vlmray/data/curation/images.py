@@ -16,11 +16,12 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
+from vlmray.config.curation import ImageConfig
 from vlmray.data import schema
 from vlmray.data.curation.hashing import phash, sha256_hex
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput
@@ -44,59 +45,12 @@ HIGH_BIT_DEPTH_SCALED = "high_bit_depth_scaled"
 REPAIRS = (EXIF_ROTATED, ANIMATED_FIRST_FRAME, CMYK_CONVERTED, ALPHA_FLATTENED,
            HIGH_BIT_DEPTH_SCALED)
 
-IMAGE_SUFFIX = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-"""Output format -> webdataset member suffix."""
 OPENABLE = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 """PIL formats that are decoded; anything else (EPS, PSD, ...) is a ``decode_error``."""
 
 _PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _SWAPS_AXES = (5, 6, 7, 8)                    # EXIF orientations that transpose the image
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-@dataclass(kw_only=True)
-class ImageConfig:
-    """How images are validated, repaired, resized and re-encoded."""
-
-    min_side: int = 16
-    """Reject images whose shorter side (after EXIF orientation) is below this
-    (``image_too_small``)."""
-    max_aspect: float = 3.0
-    """Reject images whose longer/shorter side ratio exceeds this (``bad_aspect_ratio``)."""
-    max_pixels: int = 40_000_000
-    """Decompression-bomb guard: reject images whose header declares more pixels, before any
-    pixel is decoded (``decompression_bomb``). PIL's own ``Image.MAX_IMAGE_PIXELS`` also
-    applies."""
-    resize: Literal["none", "keep_ratio", "center_crop"] = "keep_ratio"
-    """``keep_ratio``: shorter side down to ``target_size``; ``center_crop``: that, then the
-    centre square; ``none``: keep the size. Images are never upscaled."""
-    target_size: int = 256
-    """Shorter side after resizing, in pixels."""
-    format: Literal["jpeg", "png", "webp"] = "jpeg"
-    """Output encoding (always 8-bit RGB, without EXIF or ICC metadata)."""
-    quality: int = 95
-    """JPEG/WebP quality, 1-100 (ignored for PNG)."""
-    reencode: bool = True
-    """False: keep the original bytes when the image is already in ``format``, plain RGB or
-    greyscale, and needs no repair, resize or crop."""
-
-    def __post_init__(self) -> None:
-        if self.min_side < 1 or self.target_size < 1:
-            raise ValueError(f"ImageConfig.min_side ({self.min_side}) and target_size "
-                             f"({self.target_size}) must be >= 1")
-        if self.max_aspect < 1.0:
-            raise ValueError(f"ImageConfig.max_aspect must be >= 1.0, got {self.max_aspect}")
-        if self.max_pixels < self.min_side ** 2:
-            raise ValueError(f"ImageConfig.max_pixels must be >= min_side**2 "
-                             f"({self.min_side ** 2}), got {self.max_pixels}")
-        if self.resize not in ("none", "keep_ratio", "center_crop"):
-            raise ValueError(f"ImageConfig.resize {self.resize!r}: valid: 'none', "
-                             f"'keep_ratio', 'center_crop'")
-        if self.format not in IMAGE_SUFFIX:
-            raise ValueError(f"ImageConfig.format {self.format!r}: valid: "
-                             f"{', '.join(map(repr, IMAGE_SUFFIX))}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"ImageConfig.quality must be in [1, 100], got {self.quality}")
 
 
 @dataclass
@@ -338,6 +292,6 @@ def _objects(values: Any) -> np.ndarray:
 
 __all__ = ["ALPHA_FLATTENED", "ANIMATED_FIRST_FRAME", "BAD_ASPECT_RATIO", "CMYK_CONVERTED",
            "DECODE_ERROR", "DECOMPRESSION_BOMB", "EMPTY_IMAGE", "EXIF_ROTATED",
-           "HIGH_BIT_DEPTH_SCALED", "IMAGE_SUFFIX", "IMAGE_TOO_SMALL", "MISSING_IMAGE", "OPENABLE",
-           "REASONS", "REPAIRS", "Decoded", "ImageConfig", "ImageStage", "check_size", "decode",
+           "HIGH_BIT_DEPTH_SCALED", "IMAGE_TOO_SMALL", "MISSING_IMAGE", "OPENABLE",
+           "REASONS", "REPAIRS", "Decoded", "ImageStage", "check_size", "decode",
            "encode", "output_bytes", "target_size"]

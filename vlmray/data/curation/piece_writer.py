@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import WriteConfig
 from vlmray.data import schema
 from vlmray.data.curation.writers import (
     REWRITE_COLUMNS,
     SHARD,
     SIGNAL_COLUMNS,
-    WriteConfig,
     existing_shards,
     write_shard_group,
 )

@@ -12,34 +12,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vlmray.data.curation.dedup import Dedup
+from vlmray.data.curation.download import DownloadStage
+from vlmray.data.curation.images import ImageStage
+from vlmray.data.curation.score import ScoreStage, TopFraction
 from vlmray.data.curation.stage import GlobalStage, Stage, apply_stage
+from vlmray.data.curation.text import TextStage
 
 if TYPE_CHECKING:
     import ray.data
 
-    from vlmray.data.curation.config import CurationConfig
-    from vlmray.data.curation.download import DownloadConfig
-    from vlmray.data.placement import PlacementConfig
+    from vlmray.config.curation import CurationConfig, DownloadConfig
+    from vlmray.config.data import PlacementConfig
+    from vlmray.data.curation.score import EmbedderSource
 
 
-def row_stages(cur: CurationConfig, *, download: DownloadConfig | None = None) -> list[Stage]:
-    """Row-level stages in plan order; the downloader only for URL-list inputs."""
-    from vlmray.data.curation.download import DownloadStage
-    from vlmray.data.curation.images import ImageStage
-    from vlmray.data.curation.score import ScoreStage
-    from vlmray.data.curation.text import TextStage
-
+def row_stages(cur: CurationConfig, *, download: DownloadConfig | None = None,
+               scorer: EmbedderSource | None = None) -> list[Stage]:
+    """Row-level stages in plan order; the downloader only for URL-list inputs. ``scorer`` is
+    the resolved scoring model (``vlmray.embedders.scorer_for(cur.score)``), required when
+    ``cur.score.model`` is set: the composing code resolves it, this layer never loads models."""
     stages: list[Stage] = [DownloadStage(download)] if download is not None else []
     stages += [TextStage(cur.text), ImageStage(cur.image)]
     if cur.score.model:
-        stages.append(ScoreStage(cur.score))
+        if scorer is None:
+            raise ValueError(f"score.model={cur.score.model!r} is set but no scoring model was "
+                             "handed to row_stages (scorer=vlmray.embedders.scorer_for(...))")
+        stages.append(ScoreStage(cur.score, scorer))
     return stages
 
 
 def global_stages(cur: CurationConfig) -> list[GlobalStage]:
     """Whole-dataset decisions in plan order (those that are switched on)."""
-    from vlmray.data.curation.dedup import Dedup
-    from vlmray.data.curation.score import TopFraction
 
     return [g for g in (Dedup(cur.dedup), TopFraction(cur.score)) if g.enabled()]
 

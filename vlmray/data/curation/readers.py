@@ -23,15 +23,16 @@ import tarfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import ReadConfig
+from vlmray.config.data import PlacementConfig
 from vlmray.data import schema
-from vlmray.data.placement import PlacementConfig, apply_budget, remote_args
+from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.storage import arrow_filesystem, filesystem, is_remote, join, to_uri
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-InputFormat = Literal["auto", "webdataset", "parquet", "urls"]
-FORMATS: tuple[str, ...] = get_args(InputFormat)
 ARROW_SCHEMA = pa.schema([(schema.KEY, pa.string()), (schema.IMAGE, pa.binary()),
                           (schema.TEXT, pa.binary()), (schema.META, pa.string()),
                           (schema.URL, pa.string()), (schema.SOURCE, pa.string()),
@@ -70,43 +69,6 @@ READ_CPUS = 0.5   # equal remote args let the text stage fuse with it; half a co
                   # room beside training workers and retrieval actors on a small node
 _VALID = ("valid formats: webdataset (.tar, .tar.gz, .tgz), parquet (.parquet), urls (.csv, "
           ".tsv, .jsonl, .txt, or a .parquet with a URL column and no image column)")
-
-
-@dataclass(kw_only=True)
-class ReadConfig:
-    """How input files are read; column names left empty are detected from common names."""
-
-    format: InputFormat = "auto"
-    """``auto`` (from the extension: ``.tar`` webdataset, ``.parquet`` parquet, ``.csv``/
-    ``.tsv``/``.jsonl``/``.txt`` URL lists; a parquet with a URL column and no image column is
-    a URL list), or force ``webdataset``, ``parquet`` or ``urls``."""
-    key_column: str = ""
-    """Table column holding the sample key ("" = ``key``, ``__key__`` or ``id``; when absent a
-    stable key is derived from the file and row index)."""
-    image_column: str = ""
-    """Table column holding encoded image bytes ("" = ``image``, ``jpg``, ``jpeg``, ``png``,
-    ``webp``, ``img`` or ``image_bytes``); string values are read as image paths."""
-    image_path_column: str = ""
-    """Table column holding image paths, relative to the table's directory or absolute / URIs
-    ("" = ``image_path``, ``file_name``, ``filename`` or ``path``, when no image column)."""
-    text_column: str = ""
-    """Table column holding the caption ("" = ``caption``, ``text``, ``txt``, ``alt`` or
-    ``TEXT``)."""
-    url_column: str = ""
-    """Table column holding the image URL ("" = ``url``, ``URL`` or ``image_url``)."""
-    meta_column: str = ""
-    """Table column holding a JSON sidecar ("" = ``json`` or ``meta``)."""
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"read.format {self.format!r}: valid: {', '.join(FORMATS)}")
-        for f in fields(self):
-            if f.name.endswith("_column") and not isinstance(getattr(self, f.name), str):
-                raise TypeError(f"read.{f.name} must be a column name (str), "
-                                f"got {getattr(self, f.name)!r}")
-        if self.image_column and self.image_path_column:
-            raise ValueError("set read.image_column (bytes) or read.image_path_column (paths), "
-                             "not both")
 
 
 # --- listing ------------------------------------------------------------------------------
@@ -401,5 +363,5 @@ def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:
     return {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
 
 
-__all__ = ["ARROW_SCHEMA", "COLUMNS", "FORMATS", "ReadConfig", "list_inputs", "read_file",
+__all__ = ["ARROW_SCHEMA", "COLUMNS", "list_inputs", "read_file",
            "read_inputs", "read_inputs_local"]

@@ -13,8 +13,8 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS, ReadConfig, read_file
-
+from vlmray.config.curation import ReadConfig
+from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS, read_file
 
 BLOCK_ROWS = 256
 """Rows per block a read task emits: a file's rows leave its task in blocks of this many, so

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from vlmray.config.data import PlacementConfig
 from vlmray.data import schema
-from vlmray.data.placement import PlacementConfig, remote_args
+from vlmray.data.placement import remote_args
 
 if TYPE_CHECKING:
     import ray.data

@@ -14,11 +14,11 @@ import html
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from vlmray.config.curation import SCRIPT_GROUPS, TextConfig
 from vlmray.data import schema
 from vlmray.data.curation.hashing import text_signature
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput
@@ -45,72 +45,6 @@ RAW_LENGTH_FACTOR = 4
 
 # Unicode scripts by the first word of a letter's name (``unicodedata.name``), lower case, plus
 # a few language groups that span several of them.
-SCRIPTS = ("latin", "greek", "cyrillic", "armenian", "georgian", "hebrew", "arabic", "syriac",
-           "thaana", "nko", "devanagari", "bengali", "gurmukhi", "gujarati", "oriya", "tamil",
-           "telugu", "kannada", "malayalam", "sinhala", "thai", "lao", "tibetan", "myanmar",
-           "khmer", "mongolian", "ethiopic", "cherokee", "canadian", "hangul", "hiragana",
-           "katakana", "bopomofo", "cjk", "yi", "javanese", "balinese", "sundanese", "tifinagh",
-           "vai", "coptic", "glagolitic", "runic", "ogham")
-_CJK = ("CJK", "IDEOGRAPHIC")
-SCRIPT_GROUPS = {"han": _CJK, "chinese": (*_CJK, "BOPOMOFO"), "korean": ("HANGUL", *_CJK),
-                 "japanese": ("HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA", *_CJK)}
-
-
-@dataclass(kw_only=True)
-class TextConfig:
-    """How captions are cleaned and which are rejected."""
-
-    strip_html: bool = True
-    """Unescape HTML entities (``&amp;``) and remove tags (``<b>``, ``<br/>``, comments)."""
-    min_chars: int = 3
-    """Reject clean captions shorter than this many characters (``text_too_short``)."""
-    max_chars: int = 1000
-    """Reject clean captions longer than this many characters (``text_too_long``)."""
-    min_words: int = 1
-    """Reject clean captions with fewer whitespace-separated words (``text_too_short``)."""
-    junk_filter: bool = True
-    """Reject web alt-text junk with the built-in patterns: file names (``IMG_4821.jpg``),
-    generic words (``image``, ``photo``, ``logo``), ``click here``, bare URLs, placeholders."""
-    junk_patterns: list[str] = field(default_factory=list)
-    """Extra regexes matched against the WHOLE clean caption (``re.fullmatch``, case-insensitive;
-    write ``.*sale.*`` to match anywhere). Applied even when ``junk_filter`` is off."""
-    scripts: list[str] = field(default_factory=lambda: ["latin"])
-    """Allowed Unicode scripts (e.g. ``latin``, ``cyrillic``, ``cjk``, ``arabic``) or groups
-    (``chinese``, ``japanese``, ``korean``); an empty list allows any language."""
-    min_script_fraction: float = 0.8
-    """Reject when less than this fraction of the letters is in an allowed script
-    (``wrong_language``)."""
-    min_letter_fraction: float = 0.4
-    """Reject when less than this fraction of non-space characters are letters
-    (``too_few_letters``)."""
-
-    def __post_init__(self) -> None:
-        if self.min_chars < 0 or self.min_words < 0:
-            raise ValueError(f"TextConfig.min_chars ({self.min_chars}) and min_words "
-                             f"({self.min_words}) must be >= 0")
-        if not self.min_chars <= self.max_chars or self.max_chars < 1:
-            raise ValueError(f"TextConfig.max_chars must be >= 1 and >= min_chars "
-                             f"({self.min_chars}), got {self.max_chars}")
-        for name in ("min_script_fraction", "min_letter_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"TextConfig.{name} must be in [0, 1], got {value}")
-        for name in ("scripts", "junk_patterns"):
-            if isinstance(getattr(self, name), str):  # config errors are all ValueError
-                raise ValueError(  # noqa: TRY004
-                    f"TextConfig.{name} must be a list of strings, got {getattr(self, name)!r}")
-        unknown = [s for s in self.scripts if s.lower() not in SCRIPTS + tuple(SCRIPT_GROUPS)]
-        if unknown:
-            raise ValueError(f"TextConfig.scripts: unknown {unknown}; valid: "
-                             f"{sorted(SCRIPTS + tuple(SCRIPT_GROUPS))} (or [] for any)")
-        for pattern in self.junk_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"TextConfig.junk_patterns: {pattern!r} is not a valid "
-                                 f"regex: {e}") from None
-
-
 # --- cleaning ----------------------------------------------------------------------------------
 
 _TAG = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->|</?[a-z!?][^<>]*>",
@@ -334,6 +268,5 @@ def _objects(values: Any) -> np.ndarray:
 
 
 __all__ = ["EMPTY_TEXT", "HTML_STRIPPED", "JUNK_ALT_TEXT", "MISSING_TEXT", "RAW_LENGTH_FACTOR",
-           "REASONS", "REPAIRS", "SCRIPTS", "SCRIPT_GROUPS", "TEXT_NOT_UTF8", "TEXT_TOO_LONG",
-           "TEXT_TOO_SHORT", "TOO_FEW_LETTERS", "WHITESPACE_NORMALISED", "WRONG_LANGUAGE",
-           "TextConfig", "TextStage", "allowed_scripts", "letter_stats"]
+           "REASONS", "REPAIRS", "TEXT_NOT_UTF8", "TEXT_TOO_LONG",
+           "TEXT_TOO_SHORT", "TOO_FEW_LETTERS", "WHITESPACE_NORMALISED", "WRONG_LANGUAGE", "TextStage", "allowed_scripts", "letter_stats"]

@@ -18,13 +18,13 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmray.config.curation import WriteConfig
 from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, num_rows
 from vlmray.data.shards import encode_shard
@@ -33,35 +33,6 @@ from vlmray.data.storage import filesystem, join, write_bytes_atomic
 SHARD = "shard"                         # the output shard index a kept row goes to
 SIGNAL_COLUMNS = (schema.URL, schema.WIDTH, schema.HEIGHT, schema.SHA256, schema.PHASH,
             schema.CLIP_SCORE, schema.REPAIRS, schema.SOURCE)
-
-
-@dataclass(kw_only=True)
-class WriteConfig:
-    format: Literal["webdataset", "parquet"] = "webdataset"
-    """Output shards: ``webdataset`` (``.tar`` of ``{key}.jpg/.txt/.json``, as img2dataset
-    writes) or ``parquet`` (columns key, image, text, meta)."""
-    shard_size: int = 1000
-    """Rows per output shard (the last one may hold fewer)."""
-    prefix: str = "part"
-    """Shard file names: ``<prefix>-00000.tar``."""
-    piece_rows: int = 1024
-    """Rows per piece of the streamed writer (one Ray Data batch, written as one temporary
-    parquet file under ``shards/_pieces``): larger pieces mean fewer files and a smaller index
-    on the driver (about 100 bytes per piece), smaller ones less memory per writer task."""
-
-    def __post_init__(self) -> None:
-        if self.format not in ("webdataset", "parquet"):
-            raise ValueError(f"write.format {self.format!r}: valid: 'webdataset', 'parquet'")
-        if self.shard_size <= 0:
-            raise ValueError(f"write.shard_size must be > 0, got {self.shard_size}")
-        if self.piece_rows <= 0:
-            raise ValueError(f"write.piece_rows must be > 0, got {self.piece_rows}")
-        if not self.prefix or "/" in self.prefix:
-            raise ValueError(f"write.prefix {self.prefix!r} must be non-empty, without '/'")
-
-    def shard_name(self, index: int) -> str:
-        ext = "tar" if self.format == "webdataset" else "parquet"
-        return f"{self.prefix}-{index:05d}.{ext}"
 
 
 def _plain(value: Any) -> Any:
@@ -155,5 +126,5 @@ def existing_shards(shards_uri: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
-__all__ = ["REWRITE_COLUMNS", "SHARD", "SIGNAL_COLUMNS", "WriteConfig", "encode_rows", "existing_shards", "sidecar",
+__all__ = ["REWRITE_COLUMNS", "SHARD", "SIGNAL_COLUMNS", "encode_rows", "existing_shards", "sidecar",
            "write_shard_group"]

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
+from vlmray.eval.grounding import grounding_metrics
 from vlmray.models.regions import pool_regions
 from vlmray.objectives.base import LossResult, Objective, SetupContext, require, stack_metrics
 from vlmray.objectives.registry import register_objective
@@ -220,8 +221,6 @@ class RegionWordLoss(Objective):
 
     def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
         """grounding_top1 / grounding_chance on the held-out boxes (``vlmray.eval.grounding``)."""
-        from vlmray.eval.grounding import grounding_metrics
-
         return grounding_metrics(model, data, tokenizer, region_features=self.region_features)
 
 

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
+from vlmray.eval.captioning import caption_metrics, special_tokens
 from vlmray.models.decoder import TextDecoder
 from vlmray.models.outputs import COMPLETION_EMBEDS
 from vlmray.objectives.base import LossResult, SetupContext, require, stack_metrics
@@ -176,8 +177,6 @@ class NlipCompletionLoss(NlipLoss):
     def setup(self, ctx: SetupContext) -> None:
         """Decoder at width D over the vocabulary; the concepts tokenised with
         ``ctx.tokenizer``: text-tower inputs (K, L) and word ids (K, L_c) for the memory."""
-        from vlmray.eval.captioning import special_tokens
-
         d, cfg = ctx.embed_dim, self.cfg
         if ctx.tokenizer is None:
             raise ValueError("nlip_completion needs SetupContext.tokenizer (to tokenise its "
@@ -343,8 +342,6 @@ class NlipCompletionLoss(NlipLoss):
     def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
         """``completion_{bleu4,f1}_{greedy,beam}`` of the concept-conditioned captions of the
         first ``eval_samples`` held-out images against their paired captions."""
-        from vlmray.eval.captioning import caption_metrics
-
         return caption_metrics(self, model, data, tokenizer, prefix="completion",
                                samples=self.cfg.eval_samples, beam_size=3)
 

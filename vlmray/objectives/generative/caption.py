@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmray.data import schema
+from vlmray.eval.captioning import caption_metrics
 from vlmray.models.decoder import AttentionalPooler, TextDecoder
 from vlmray.objectives.base import LossResult, Metric, Objective, SetupContext, require
 from vlmray.objectives.registry import register_objective
@@ -155,8 +156,6 @@ class CaptionLoss(Objective):
 
     def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
         """``caption_{bleu4,f1}_{greedy,beam}`` on the first ``eval_samples`` held-out images."""
-        from vlmray.eval.captioning import caption_metrics
-
         return caption_metrics(self, model, data, tokenizer, prefix="caption",
                                samples=self.cfg.eval_samples, beam_size=self.cfg.beam_size)
 

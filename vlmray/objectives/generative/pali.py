@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from vlmray.data import schema
 from vlmray.data.tokenize import EOS
+from vlmray.eval.captioning import caption_metrics
 from vlmray.models.encdec import EncoderDecoder
 from vlmray.objectives.base import LossResult, Objective, SetupContext, require
 from vlmray.objectives.generative.caption import check_eval_config, image_tokens, token_nll
@@ -179,8 +180,6 @@ class PaliLoss(Objective):
 
     def evaluate(self, model: nn.Module, data: HeldOut, tokenizer: Tokenizer) -> dict[str, float]:
         """``pali_{bleu4,f1}_{greedy,beam}`` on the first ``eval_samples`` held-out images."""
-        from vlmray.eval.captioning import caption_metrics
-
         return caption_metrics(self, model, data, tokenizer, prefix="pali",
                                samples=self.cfg.eval_samples, beam_size=self.cfg.beam_size)
 

@@ -1,14 +1,14 @@
-"""Recipes of the generative and alignment family (issue 7): fusion encoders, decoders and
-region features beside the contrastive towers. Imported by ``vlmray.recipes`` (registers them).
+"""Recipes of the generative and alignment family: fusion encoders, decoders and region
+features beside the contrastive towers (SegCLIP, region-word matching, FLAVA, KELIP, CoCa, PaLI,
+NLIP's completion, FIBER).
 """
 
 from __future__ import annotations
 
-from vlmray.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: F401
-from vlmray.objectives.registry import ObjectiveSpec  # noqa: F401
-from vlmray.recipes import RECIPES  # noqa: F401
-
-# --- recipes (each helper appends its own below this line) --------------------------------
+from vlmray.config import Config, DataConfig, ModelConfig
+from vlmray.config.data import ViewsConfig
+from vlmray.config.objectives import ObjectiveSpec
+from vlmray.recipes.registry import RECIPES
 
 
 @RECIPES.register("segclip_tiny")
@@ -56,8 +56,6 @@ def flava_tiny() -> Config:
     MLM and MMM start near log(vocab) ~ 9, so they get small weights. Pixel targets are not
     normalised per patch (``norm_pix=False``): the built-in images are flat colours, and
     standardising a flat patch only amplifies its JPEG noise into an unlearnable target."""
-    from vlmray.data.views import ViewsConfig
-
     pixels = {"mask_ratio": 0.4, "norm_pix": False}
     return Config(
         recipe="flava_tiny",
@@ -81,8 +79,6 @@ def kelip_tiny() -> Config:
     full 32 px (KELIP feeds them at a lower resolution); the pixel targets are not normalised
     per patch (MAE's norm_pix), as the built-in images' flat patches would turn into
     standardised JPEG noise."""
-    from vlmray.data.views import ViewsConfig
-
     return Config(
         recipe="kelip_tiny",
         data=DataConfig(views=ViewsConfig(image=["global", "local", "local"])),
@@ -154,8 +150,6 @@ def fiber_tiny() -> Config:
     the gate is tanh(alpha) rather than alpha, and no fine-grained (box) stage. Under DDP keep
     ``itm`` with ``fusion="model"`` in the mix: it is what gives every fusion parameter a
     gradient."""
-    from vlmray.data.views import ViewsConfig
-
     return Config(
         recipe="fiber_tiny",
         data=DataConfig(views=ViewsConfig(mlm_prob=0.15)),

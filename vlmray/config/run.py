@@ -1,35 +1,51 @@
-"""Typed, keyword-only run configuration.
-
-A run is ``Config(data=..., model=..., objectives=[...], train=..., eval=...)``. Recipes (in
-``vlmray.recipes``) are functions returning a ``Config``; ``apply_overrides`` takes dotted
-``section.field=value`` strings from the command line; ``validate`` checks every name before
-any Ray work starts and names the valid choices on a miss.
-"""
+"""The run's config tree: ``Config(data=..., model=..., objectives=[...], train=..., eval=...)``."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from vlmray.data.curation.config import CurationConfig
-from vlmray.data.mixup import MixupConfig  # noqa: F401  (re-exported: data.mixup's type)
-from vlmray.data.placement import PlacementConfig
-from vlmray.data.synthetic import SyntheticConfig
-from vlmray.data.views import ViewsConfig
-from vlmray.objectives.registry import ObjectiveSpec
-from vlmray.retrieval.config import RetrievalConfig
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.config.curation import CurationConfig
+from vlmray.config.data import MixupConfig, PlacementConfig, SyntheticConfig, ViewsConfig
+from vlmray.config.errors import ConfigError
+from vlmray.config.objectives import ObjectiveSpec
+from vlmray.config.overrides import dataclass_from_dict
+from vlmray.config.retrieval import RetrievalConfig
+from vlmray.config.rewrite import RewriteConfig
+from vlmray.config.sources import check_sources
 
 SAMPLING_CHOICES = ("mixed", "single_source")
 
+EXTRA_TEXT_CHOICES = ("texts_aug", "synthetic_caption")
+"""Values of ``data.extra_texts``."""
+
+
+def check_extra_texts(d: DataConfig) -> None:
+    """``DataConfig``'s checks of its extra texts: adds ``texts_aug`` when ``rewrite.k > 0`` and
+    ``synthetic_caption`` when ``rewrite.captioner != "none"`` (the prefix makes them), then
+    raises ``ValueError`` naming the fix on unknown names, repeats, ``max_texts_aug < 1``, or
+    ``views.caption_sampling="uniform"`` without ``texts_aug``."""
+    if d.rewrite.k > 0 and "texts_aug" not in d.extra_texts:
+        d.extra_texts = [*d.extra_texts, "texts_aug"]
+    if d.rewrite.captioner != "none" and "synthetic_caption" not in d.extra_texts:
+        d.extra_texts = [*d.extra_texts, "synthetic_caption"]
+    bad = [t for t in d.extra_texts if t not in EXTRA_TEXT_CHOICES]
+    if bad or len(set(d.extra_texts)) != len(d.extra_texts):
+        raise ValueError(f"data.extra_texts={d.extra_texts!r}: each one of "
+                         f"{list(EXTRA_TEXT_CHOICES)}, at most once")
+    if isinstance(d.max_texts_aug, bool) or not isinstance(d.max_texts_aug, int) \
+            or d.max_texts_aug < 1:
+        raise ValueError(f"data.max_texts_aug must be an int >= 1, got {d.max_texts_aug!r}")
+    if d.views.caption_sampling == "uniform" and "texts_aug" not in d.extra_texts:
+        raise ValueError("data.views.caption_sampling='uniform' draws among each row's "
+                         "rewritten captions: add 'texts_aug' to data.extra_texts (rows from "
+                         "jobs/rewrite_captions.py shards) or set data.rewrite.k > 0")
+
 
 @dataclass(kw_only=True)
+
+
 class DataConfig:
     source: str = "builtin"
     """Dataset root (local path or s3:// URI) holding ``train/*.tar`` (and ``eval/``), a
@@ -95,9 +111,6 @@ class DataConfig:
     shards). Added automatically by ``rewrite.k > 0`` / ``rewrite.captioner``."""
 
     def __post_init__(self) -> None:
-        from vlmray.data.decode import check_extra_texts
-        from vlmray.data.sources import check_sources
-
         check_extra_texts(self)   # adds what data.rewrite makes; caption_sampling needs texts_aug
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
             raise ConfigError(f"data.regions must be an int >= 0 (0 = off), got {self.regions!r}")
@@ -108,6 +121,8 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class ModelConfig:
     arch: str = "dual_encoder"
     """Model family (``vlmray.models.MODEL_ARCHS``): ``dual_encoder`` (CLIP's two towers) or a
@@ -151,6 +166,8 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class TrainConfig:
     steps: int = 300
     """Optimiser steps in the whole run."""
@@ -192,6 +209,8 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class EvalConfig:
     every: int = 100
     """Steps between held-out evaluations (0: only at the end)."""
@@ -202,6 +221,8 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,180 +240,8 @@ class Config:
         data = d.get("data")
         if isinstance(data, dict) and "stream" in data:   # runs before streaming was the rule
             d = {**d, "data": {k: v for k, v in data.items() if k != "stream"}}
-        return _from_dict(cls, d)
+        return dataclass_from_dict(cls, d)
 
 
-class ConfigError(ValueError):
-    """A bad config: raised before any work starts, naming the valid choices."""
-
-
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown} in {cls.__name__}; valid: {sorted(known)}")
-    kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _coerce_obj(hints[name], value)
-    return cls(**kwargs)
-
-
-def _coerce_obj(tp: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return _from_dict(tp, value)
-    if typing.get_origin(tp) is list and typing.get_args(tp)[0] is ObjectiveSpec:
-        return [v if isinstance(v, ObjectiveSpec) else ObjectiveSpec(**v) for v in value]
-    return value
-
-
-# --- dotted overrides ------------------------------------------------------------------------
-
-
-def field_paths(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """All overridable dotted names of a config -> their type hints."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(field_paths(value, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = hints[f.name]
-    return out
-
-
-def parse_value(tp: Any, text: str, name: str) -> Any:
-    """Parses a command-line string into the field's type, with a clear error."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if text not in choices:
-            raise ConfigError(f"{name}: {text!r} is not one of {list(choices)}")
-        return text
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    try:
-        if tp is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if tp in (int, float, str):
-            return tp(text)
-        if typing.get_origin(tp) is list and typing.get_args(tp)[0] is ObjectiveSpec:
-            return parse_objectives(text)
-        return json.loads(text)  # dicts and lists
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{name}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from e
-
-
-def parse_objectives(text: str) -> list[ObjectiveSpec]:
-    """``clip`` / ``clip:1.0,siglip:0.5`` / a JSON list of ``{"name", "weight", "params"}``."""
-    if text.lstrip().startswith("["):
-        return [ObjectiveSpec(**d) for d in json.loads(text)]
-    specs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, weight = part.partition(":")
-        specs.append(ObjectiveSpec(name=name, weight=float(weight) if weight else 1.0))
-    return specs
-
-
-def apply_overrides(cfg: Any, overrides: dict[str, str | Any]) -> Any:
-    """Returns a copy of ``cfg`` (any config dataclass) with dotted fields replaced; unknown
-    names raise, listing the valid ones."""
-    cfg = _from_dict(type(cfg), json.loads(json.dumps(dataclasses.asdict(cfg))))
-    paths = field_paths(cfg)
-    for name, value in overrides.items():
-        if name not in paths:
-            raise ConfigError(unknown_field_message(name, sorted(paths)))
-        if isinstance(value, str):
-            value = parse_value(paths[name], value, name)
-        *parents, leaf = name.split(".")
-        target = cfg
-        for p in parents:
-            target = getattr(target, p)
-        setattr(target, leaf, value)
-    try:  # rebuild, so every section's own checks (__post_init__) see the new values
-        return _from_dict(type(cfg), json.loads(json.dumps(dataclasses.asdict(cfg))))
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def unknown_field_message(name: str, valid: list[str]) -> str:
-    from vlmray._registry import unknown_message
-
-    return unknown_message("config field", name, valid, limit=len(valid))
-
-
-# --- validation (before any Ray work) --------------------------------------------------------
-
-
-def validate(cfg: Config) -> Config:
-    """Checks names and ranges; raises ``ConfigError`` naming the valid choices."""
-    from vlmray.models import validate_model_config
-    from vlmray.objectives import validate_specs
-
-    _check_literals(cfg)
-    if not cfg.objectives:
-        raise ConfigError("at least one objective is required")
-    try:
-        validate_specs(cfg.objectives)  # names, params, weights, no repeats
-    except ValueError as e:  # UnknownNameError is a ValueError too
-        raise ConfigError(f"objectives: {e}") from None
-    _check_retrieval(cfg)
-    if cfg.model.arch == "clippo" and not cfg.data.views.render_text:
-        raise ConfigError("model.arch='clippo' encodes captions rendered as images: set "
-                          "data.views.render_text=True (the views stage draws TEXT_PIXELS)")
-    validate_model_config(cfg.model,
-                          ref_dim_filled_later=cfg.data.retrieval.attach == "references")
-    t = cfg.train
-    if t.steps <= 0 or t.batch_size <= 0 or t.lr <= 0 or not math.isfinite(t.lr):
-        raise ConfigError("train.steps, train.batch_size and train.lr must be positive")
-    if t.num_workers and t.batch_size % t.num_workers:
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by "
-                          f"train.num_workers {t.num_workers}")
-    tok = cfg.data.tokenizer
-    if tok != "hash" and not tok.startswith("hf:"):
-        raise ConfigError(f"data.tokenizer {tok!r}: valid: 'hash', 'hf:<local directory>'")
-    if tok.startswith("hf:") and not Path(tok[3:]).is_dir():
-        raise ConfigError(f"data.tokenizer {tok!r}: {tok[3:]!r} is not a local directory")
-    return cfg
-
-
-def _check_retrieval(cfg: Config) -> None:
-    """The model part and objectives that consume neighbours agree with ``data.retrieval``."""
-    attach = cfg.data.retrieval.attach
-    if (cfg.model.ra_layers > 0) != (attach == "references"):
-        raise ConfigError(f"model.ra_layers={cfg.model.ra_layers} with data.retrieval.attach="
-                          f"{attach!r}: the RA-CLIP module (ra_layers > 0) and "
-                          f"attach='references' go together")
-    nns_index = any(s.name == "declip_nns" and s.params.get("source") == "index"
-                    for s in cfg.objectives)
-    if nns_index and attach != "neighbour_text":
-        raise ConfigError("objective declip_nns with source='index' reads each row's neighbour "
-                          "caption: set data.retrieval.attach='neighbour_text' (or use "
-                          "source='queue')")
-    if cfg.data.retrieval.train_on == "reference" and cfg.data.retrieval.enabled:
-        raise ConfigError("data.retrieval.train_on='reference' is the bootstrap run's setting "
-                          "and takes attach='none'")
-
-
-def _check_literals(obj: Any, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_literals(value, f"{prefix}{f.name}.")
-        elif typing.get_origin(hints[f.name]) is Literal:
-            choices = typing.get_args(hints[f.name])
-            if value not in choices:
-                raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {list(choices)}")
-
-
-__all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig",
-    "ObjectiveSpec", "SyntheticConfig", "apply_overrides", "field_paths", "parse_objectives",
-    "validate",
-]
+__all__ = ["EXTRA_TEXT_CHOICES", "SAMPLING_CHOICES", "Config", "DataConfig", "EvalConfig", "ModelConfig",
+           "TrainConfig", "check_extra_texts"]

