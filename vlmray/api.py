@@ -209,7 +209,7 @@ def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
     r = cfg.data.retrieval
     if not r.enabled and r.reference_fraction <= 0:
         return None
-    from vlmray.retrieval.feed import bootstrap_plan, prepare
+    from vlmray.pipelines.retrieval import bootstrap_plan, prepare
     from vlmray.train.report import write_json
 
     bootstrapped = ""

@@ -17,10 +17,11 @@ from jobs.build_index import main
 from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config import field_paths
 from vlmray.config.data import SyntheticConfig
+from vlmray.config.jobs import IndexJobConfig
 from vlmray.config.retrieval import EmbedConfig
 from vlmray.data import schema
 from vlmray.data.storage import filesystem, join
-from vlmray.pipelines.index import IndexJobConfig, load_built, run
+from vlmray.pipelines.index import load_built, run
 from vlmray.retrieval.embed import read_embedding_table, read_embeddings
 from vlmray.retrieval.index import IndexConfig
 from vlmray.retrieval.split import reference_mask
@@ -29,9 +30,8 @@ SYN = SyntheticConfig(num_train=240, num_eval=8, shard_size=80, corrupt_frac=0.0
                       near_dup_frac=0.0, mismatch_frac=0.0, junk_frac=0.0, overlong_frac=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _s3_before_ray(s3_server: str) -> None:
-    """Start the S3 endpoint before this module's Ray, so Ray's workers inherit its env vars."""
+# The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 
 @pytest.fixture(scope="module")

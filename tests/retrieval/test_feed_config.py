@@ -20,8 +20,8 @@ from vlmray.data import schema
 from vlmray.distributed import Dist
 from vlmray.models.outputs import Outputs
 from vlmray.objectives import ObjectiveMix
+from vlmray.pipelines.retrieval import split_stage
 from vlmray.recipes import recipe
-from vlmray.retrieval.feed import split_stage
 from vlmray.retrieval.split import OUTSIDE_SUBSET
 from vlmray.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from vlmray.validate import validate
@@ -114,7 +114,7 @@ def test_declip_queue_is_saved_and_restored_with_the_checkpoint(tmp_path: Path) 
 
 
 def test_a_reused_index_must_match_the_run(tmp_path: Path) -> None:
-    from vlmray.retrieval.feed import _reused_embedder
+    from vlmray.pipelines.retrieval import _reused_embedder
 
     def built(**job) -> str:
         root = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -138,7 +138,7 @@ def test_lookup_queries_reads_vectors_by_key_and_rejects_unindexed_rows(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlmray.retrieval.feed import NOT_INDEXED, LookupQueries
+    from vlmray.pipelines.retrieval import NOT_INDEXED, LookupQueries
 
     vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
     pq.write_table(pa.table({schema.KEY: ["a", "b", "c", "d"], schema.TEXT: ["", "", "", ""],

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import vlmray
 from tests.train.test_pipeline_ray import SMALL
 from vlmray.data import schema
+from vlmray.pipelines.index import load_built
 from vlmray.retrieval.embed import read_embeddings
-from vlmray.retrieval.pipeline import load_built
 from vlmray.retrieval.search import search_excluding
 from vlmray.retrieval.split import OUTSIDE_SUBSET, reference_mask
 

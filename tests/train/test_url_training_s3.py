@@ -37,9 +37,8 @@ RUN = {**SMALL, "train.steps": 4, "train.batch_size": 16, "train.checkpoint_ever
        "data.curation.download.timeout_s": 2.0, "data.curation.download.retries": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _s3_before_ray(s3_server: str) -> None:
-    """Start the S3 endpoint before this module's Ray, so Ray's workers inherit its env vars."""
+# The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 
 @pytest.fixture(scope="module")

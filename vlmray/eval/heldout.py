@@ -63,7 +63,7 @@ class HeldOut:
     def with_refs(self, uri: str) -> HeldOut:
         """A copy carrying the references of each row, read from the parquet file at ``uri``
         (columns KEY, REF_IMAGE_EMBEDS, REF_TEXT_EMBEDS, REF_MASK; written by
-        :func:`vlmray.retrieval.feed.write_eval_refs`). Every held-out key must be there."""
+        :func:`vlmray.pipelines.retrieval.write_eval_refs`). Every held-out key must be there."""
         import pyarrow.parquet as pq
 
         fs, path = arrow_filesystem(uri)

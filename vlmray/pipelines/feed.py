@@ -90,7 +90,7 @@ def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None,
     """Lazy plan: read -> [curation stages and their decisions: ``source``, from
     :func:`source_plan`] -> [rewrite / caption stages] -> [retrieval stages] ->
     decode/validate/tokenise. Rows carry REJECT_REASON ("" = kept) and REJECT_STAGE.
-    ``retrieval`` is the list of stages :func:`vlmray.retrieval.feed.prepare` returns for
+    ``retrieval`` is the list of stages :func:`vlmray.pipelines.retrieval.prepare` returns for
     ``data.retrieval``; ``data.rewrite`` adds TEXTS_AUG, REWRITE_FALLBACKS, SYNTHETIC_CAPTION and
     CAPTION_FALLBACK to every row (:func:`vlmray.rewrite.stage.rewrite_plan`)."""
     where = cfg.placement

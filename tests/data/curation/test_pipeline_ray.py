@@ -27,9 +27,8 @@ SYN = SyntheticConfig(num_train=400, num_eval=20, shard_size=100, corrupt_frac=0
                       overlong_frac=0.02, near_dup_frac=0.08, junk_frac=0.05)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _s3_before_ray(s3_server: str) -> None:
-    """Start the S3 endpoint before this module's Ray, so Ray's workers inherit its env vars."""
+# The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 
 @pytest.fixture(scope="module")

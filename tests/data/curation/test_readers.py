@@ -28,10 +28,8 @@ from vlmray.data.curation.readers import (
 from vlmray.data.shards import encode_shard
 from vlmray.data.storage import filesystem, join
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _s3_before_ray(s3_server: str) -> None:
-    """Start the S3 endpoint before this module's Ray, so Ray's workers inherit its env vars."""
+# The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:

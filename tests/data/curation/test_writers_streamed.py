@@ -34,9 +34,8 @@ FILES, PER_FILE = 3, 23           # 69 rows; every 4th rejected -> 52 kept
 REJECT_COLUMNS = (schema.KEY, schema.ROW_ID, schema.REJECT_REASON)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _s3_before_ray(s3_server: str) -> None:
-    """Start the S3 endpoint before this module's Ray, so Ray's workers inherit its env vars."""
+# The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 
 def _rows() -> pa.Table:

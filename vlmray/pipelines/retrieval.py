@@ -198,7 +198,7 @@ def _build(cfg: Config, train_uri: str, embedder: str, out: str) -> dict[str, An
     index into ``out``; an ``out`` holding a finished build (``stats.json``) is reused."""
     import json
 
-    from vlmray.retrieval.pipeline import run as run_index_job
+    from vlmray.pipelines.index import run as run_index_job
 
     fs, path = filesystem(join(out, "stats.json"))
     if fs.exists(path):
