@@ -5,12 +5,13 @@
 ``worker_fn(rank, world_size, *args)`` must be a module-level function (it is pickled by name);
 its return value comes back pickled with ``torch.save``.
 
-The processes of a 2-process group are started once per test session (spawned, ``torch`` and the
-process group set up once) and then run one call after another: starting two Python processes
-that import torch costs seconds, and the suite makes dozens of calls. After every call a worker
-restores torch's global settings (default dtype, grad mode, deterministic flag). A call that
-raises or runs past its timeout kills its workers; the next call starts fresh ones. Other
-world sizes get processes for one call.
+The processes of a 2-process and of a 3-process group are started once per test session
+(spawned, ``torch`` and the process group set up once) and then run one call after another:
+starting Python processes that import torch costs seconds, and the suite makes dozens of calls
+at W=2 and a few at W=3 (the smallest ring where rank r+1 and rank r-1 differ). After every
+call a worker restores torch's global settings (default dtype, grad mode, deterministic flag).
+A call that raises or runs past its timeout kills its workers; the next call starts fresh ones.
+Other world sizes get processes for one call.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class _Pool:
 
 
 _POOLS: dict[int, _Pool] = {}
-KEEP_WORLD_SIZE = 2
-"""Only this world size's workers stay up between calls (the one nearly every test uses)."""
+KEEP_WORLD_SIZES = (2, 3)
+"""Only these world sizes' workers stay up between calls (the ones the tests use)."""
 
 
 @atexit.register
@@ -130,5 +131,5 @@ def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any,
         del _POOLS[world_size]
         raise
     finally:
-        if world_size != KEEP_WORLD_SIZE and world_size in _POOLS:
+        if world_size not in KEEP_WORLD_SIZES and world_size in _POOLS:
             _POOLS.pop(world_size).close()

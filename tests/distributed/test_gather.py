@@ -1,4 +1,7 @@
-"""Dist collectives over 2 real gloo processes, and the 1-process identity behaviour.
+"""Dist collectives over 2 and 3 real gloo processes, and the 1-process identity behaviour.
+
+Three processes matter: at W=2 rank r+1 and rank r-1 are the same peer, so a ring step sent the
+wrong way round (forward or backward) still passes; at W=3 they differ and the checks below see it.
 
     pytest tests/distributed -q
 """
@@ -13,7 +16,8 @@ import torch
 from tests.distributed._spawn import run_gloo
 from vlmray.distributed import Dist
 
-W, B, D = 2, 3, 2
+B, D = 3, 2
+WORLD_SIZES = (2, 3)
 
 
 def _x(rank: int) -> torch.Tensor:
@@ -21,9 +25,10 @@ def _x(rank: int) -> torch.Tensor:
     return torch.arange(B * D, dtype=torch.float64).reshape(B, D) + 100.0 * rank
 
 
-def _weights(rank: int) -> torch.Tensor:
+def _weights(rank: int, world: int) -> torch.Tensor:
     """A rank-specific (W*B, D) weight, so each rank's loss sum(gathered * w_r) differs."""
-    return (rank + 1.0) * torch.linspace(-1, 1, W * B * D, dtype=torch.float64).reshape(W * B, D)
+    rows = world * B
+    return (rank + 1.0) * torch.linspace(-1, 1, rows * D, dtype=torch.float64).reshape(rows, D)
 
 
 def _gather_checks(dist: Dist, rank: int) -> dict[str, Any]:
@@ -31,7 +36,7 @@ def _gather_checks(dist: Dist, rank: int) -> dict[str, Any]:
     for with_grad in (True, False):
         x = _x(rank).requires_grad_()
         gathered = dist.all_gather(x, with_grad=with_grad)
-        (gathered * _weights(rank)).sum().backward()
+        (gathered * _weights(rank, dist.world_size)).sum().backward()
         out[f"gather_{with_grad}"] = (gathered.detach(), x.grad)
     x3 = torch.randn(B, 2, 2, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
     out["gather_3d"] = (x3, dist.all_gather(x3))
@@ -68,18 +73,21 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    return run_gloo(_worker, W)
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"W{w}")
+def results(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return run_gloo(_worker, request.param)
 
 
 def test_dist_from_process_group(results: list[dict[str, Any]]) -> None:
-    assert [(r["rank"], r["world"], r["is_main"]) for r in results] == [(0, 2, True), (1, 2, False)]
+    W = len(results)
+    assert [(r["rank"], r["world"], r["is_main"]) for r in results] == [
+        (rank, W, rank == 0) for rank in range(W)]
 
 
 def test_all_gather_with_grad(results: list[dict[str, Any]]) -> None:
+    W = len(results)
     expected = torch.cat([_x(r) for r in range(W)])
-    total_weight = sum(_weights(s) for s in range(W))  # d(sum_s L_s)/d gathered
+    total_weight = sum(_weights(s, W) for s in range(W))  # d(sum_s L_s)/d gathered
     for rank, res in enumerate(results):
         gathered, grad = res["gather_True"]
         torch.testing.assert_close(gathered, expected)
@@ -87,11 +95,12 @@ def test_all_gather_with_grad(results: list[dict[str, Any]]) -> None:
 
 
 def test_all_gather_without_grad_keeps_only_own_slot(results: list[dict[str, Any]]) -> None:
+    W = len(results)
     expected = torch.cat([_x(r) for r in range(W)])
     for rank, res in enumerate(results):
         gathered, grad = res["gather_False"]
         torch.testing.assert_close(gathered, expected)
-        torch.testing.assert_close(grad, _weights(rank)[rank * B:(rank + 1) * B])  # own loss only
+        torch.testing.assert_close(grad, _weights(rank, W)[rank * B:(rank + 1) * B])  # own loss
 
 
 def test_all_gather_multidim(results: list[dict[str, Any]]) -> None:
@@ -101,6 +110,9 @@ def test_all_gather_multidim(results: list[dict[str, Any]]) -> None:
 
 
 def test_neighbour_exchange_forward_and_backward(results: list[dict[str, Any]]) -> None:
+    """Forward: rank r holds r-1's tensor. Backward: the gradient comes back from r+1. At W=3
+    each of the two directions, flipped alone or both together, breaks one of the asserts."""
+    W = len(results)
     for rank, res in enumerate(results):
         received, grad = res["exchange"]
         torch.testing.assert_close(received, _x((rank - 1) % W))
@@ -111,17 +123,19 @@ def test_neighbour_exchange_forward_and_backward(results: list[dict[str, Any]]) 
 
 
 def test_offsets_and_reductions(results: list[dict[str, Any]]) -> None:
+    W = len(results)
     for rank, res in enumerate(results):
         assert res["offsets"].dtype == torch.long
         assert res["offsets"].tolist() == list(range(4 * rank, 4 * rank + 4))
-        torch.testing.assert_close(res["sum"], torch.tensor([3.0, 20.0]))
-        assert float(res["mean"]) == pytest.approx(1.5)
-        assert res["metrics"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+        torch.testing.assert_close(res["sum"], torch.tensor([W * (W + 1) / 2, 10.0 * W]))
+        assert float(res["mean"]) == pytest.approx((W + 1) / 2)
+        assert res["metrics"] == {"a": pytest.approx(1.0), "b": pytest.approx(W - 1.0)}
 
 
 def test_uneven_batches_raise_on_every_rank(results: list[dict[str, Any]]) -> None:
+    batches = str({rank: B + rank for rank in range(len(results))})  # "{0: 3, 1: 4, ...}"
     for res in results:
-        assert "same local batch shape" in res["uneven"] and "{0: 3, 1: 4}" in res["uneven"]
+        assert "same local batch shape" in res["uneven"] and batches in res["uneven"]
 
 
 def test_world_size_one_is_identity() -> None:

@@ -27,7 +27,9 @@ from vlmray.objectives.contrastive.siglip import SigLipLoss
 
 N, D = 12, 5
 MODES = [("ring", 0), ("gather", 0), ("ring", 4), ("gather", 5)]
-WORLD_SIZES = [2]  # [2, 3] passes too (a two-hop ring); each extra spawn costs ~30 s on 2 cores
+# W=3 is the smallest ring where "send to r+1" and "send to r-1" are different peers: at W=2 a
+# ring step (or its backward) sent the wrong way round gives the same numbers and would pass.
+WORLD_SIZES = [2, 3]
 
 
 def reference_loss_loops(x: Tensor, y: Tensor, t: Tensor, b: Tensor) -> Tensor:
