@@ -1,31 +1,39 @@
 """Decode and validate raw samples into training tensors. Pure NumPy/PIL, no Ray.
 
 Used by the Ray Data ingest stage and by evaluation, so train and eval rows are prepared the
-same way. A bad row is never an exception: it comes back with a ``reject_reason``.
+same way. A bad row is never an exception: it comes back with a ``reject_reason``. Images are
+opened by curation's guarded decode (:func:`vlmray.data.curation.images.decode_rgb`): web
+formats only, a header pixel limit checked before any pixel is decoded, bombs and truncation
+as reasons, so training rejects what curation rejects, for the same reasons.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from vlmray.config.curation import ImageConfig
 from vlmray.data import schema
+from vlmray.data.curation.images import (
+    DECODE_ERROR,
+    DECOMPRESSION_BOMB,
+    IMAGE_TOO_SMALL,
+    MISSING_IMAGE,
+    decode_rgb,
+)
 from vlmray.data.tokenize import Tokenizer
 
-# Reasons a row is rejected at ingest (the values of the reject_reason column).
-MISSING_IMAGE = "missing_image"
-DECODE_ERROR = "decode_error"
-IMAGE_TOO_SMALL = "image_too_small"
+# Reasons a row is rejected at ingest (the values of the reject_reason column); the image
+# reasons are curation's image stage's own.
 MISSING_TEXT = "missing_text"
 EMPTY_TEXT = "empty_text"
 TEXT_TOO_LONG = "text_too_long"
-REASONS = (MISSING_IMAGE, DECODE_ERROR, IMAGE_TOO_SMALL, MISSING_TEXT, EMPTY_TEXT, TEXT_TOO_LONG)
+REASONS = (MISSING_IMAGE, DECODE_ERROR, DECOMPRESSION_BOMB, IMAGE_TOO_SMALL, MISSING_TEXT,
+           EMPTY_TEXT, TEXT_TOO_LONG)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +49,9 @@ class DecodeSpec:
     (``texts_aug``; ``data.extra_texts``), see :func:`extra_text_columns`; 0: none."""
     synthetic_caption: bool = False
     """Also emit SYNTHETIC_TOKENS / SYNTHETIC_TOKEN_MASK (L,) (``synthetic_caption``)."""
+    max_pixels: int = ImageConfig.max_pixels
+    """Decompression-bomb guard (curation's ``image.max_pixels`` default): an image whose
+    header declares more pixels is rejected (``decompression_bomb``) before it is decoded."""
 
 
 Crop = tuple[float, float, float, float]
@@ -58,12 +69,10 @@ def _decode(data: bytes | None, spec: DecodeSpec) -> tuple[np.ndarray | None, st
     coordinates: (x0, y0, x1, y1), what boxes are mapped through)."""
     if not data:
         return None, MISSING_IMAGE, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            img = im.convert("RGB")
-    except Exception:  # PIL raises many types for truncated or garbage bytes
-        return None, DECODE_ERROR, None
+    dec, reason = decode_rgb(data, max_pixels=spec.max_pixels)   # full size: no JPEG draft
+    if dec is None:
+        return None, reason, None
+    img = dec.image
     if min(img.size) < spec.min_image_side:
         return None, IMAGE_TOO_SMALL, None
     pixels, crop = _resize_crop(img, spec.image_size)
@@ -227,5 +236,5 @@ def extra_text_columns(texts: Sequence[str], reasons: Sequence[str], metas: Sequ
     return out
 
 
-__all__ = ["DecodeSpec", "REASONS", "decode_image",
+__all__ = ["DECODE_ERROR", "DECOMPRESSION_BOMB", "REASONS", "DecodeSpec", "decode_image",
            "extra_text_columns", "label_of", "prepare_rows"]

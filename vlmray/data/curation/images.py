@@ -4,7 +4,9 @@ Each live row's bytes are opened (web formats only), checked against a decompres
 limit from the header, fully decoded (truncation is an error), repaired (EXIF orientation,
 first frame of animations, CMYK, transparency on white, 16-bit and float greyscale scaled to
 8 bits), checked for size and aspect ratio, resized and re-encoded without metadata, so the same
-input bytes always give the same output bytes.
+input bytes always give the same output bytes. The guarded decode (:func:`decode_rgb`: format
+allow-list, header pixel limit, bombs and truncation as reasons) is also training's
+(:mod:`vlmray.data.decode`), so both reject the same bytes for the same reasons.
 
     batch = ImageStage(ImageConfig(target_size=384, format="webp"))(batch)
 """
@@ -88,26 +90,27 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 2 <= value <= 8 else 1
 
 
-def _draft_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int] | None:
-    """The smallest size worth decoding a JPEG at, when it will be downscaled anyway."""
-    if cfg.resize == "none" or min(w, h) <= cfg.target_size:
+def _draft_size(w: int, h: int, side: int | None) -> tuple[int, int] | None:
+    """The smallest size worth decoding a JPEG at, when its shorter side will be downscaled
+    to ``side`` anyway (None: decode at full size)."""
+    if side is None or min(w, h) <= side:
         return None
-    s = cfg.target_size / min(w, h)
+    s = side / min(w, h)
     return math.ceil(w * s), math.ceil(h * s)
 
 
-def _open(data: bytes, cfg: ImageConfig) -> Decoded | str:
+def _open(data: bytes, max_pixels: int, draft_side: int | None) -> Decoded | str:
     """The first frame, fully loaded and oriented (not yet RGB), or a reject reason."""
     with Image.open(io.BytesIO(data), formats=_openable()) as im:
         w, h = im.size
-        if w * h > cfg.max_pixels:
+        if w * h > max_pixels:
             return DECOMPRESSION_BOMB
         repairs = []
         # a multi-picture JPEG's first picture is its primary image, not an animation frame
         if getattr(im, "is_animated", False) and im.format != "MPO":
             repairs.append(ANIMATED_FIRST_FRAME)
             im.seek(0)
-        draft = _draft_size(w, h, cfg)
+        draft = _draft_size(w, h, draft_side)
         if draft is not None and im.format in ("JPEG", "MPO"):
             im.draft(im.mode, draft)
         im.load()                               # every byte decoded: truncation raises
@@ -162,7 +165,22 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
 
 
 def decode(data: bytes | None, cfg: ImageConfig) -> tuple[Decoded | None, str]:
-    """Encoded bytes -> (decoded RGB image, "") or (None, reject reason)."""
+    """Encoded bytes -> (decoded RGB image, "") or (None, reject reason), with ``cfg``'s pixel
+    limit (JPEGs that will be downscaled are decoded at a reduced scale)."""
+    draft_side = None if cfg.resize == "none" else cfg.target_size
+    return decode_rgb(data, max_pixels=cfg.max_pixels, draft_side=draft_side)
+
+
+def decode_rgb(data: bytes | None, *, max_pixels: int,
+               draft_side: int | None = None) -> tuple[Decoded | None, str]:
+    """Encoded bytes -> (decoded, oriented, repaired 8-bit RGB image, "") or (None, reason).
+
+    The one guarded decode of curation and training: only :data:`OPENABLE` formats are
+    opened, an image whose header declares more than ``max_pixels`` pixels (or trips PIL's
+    own limit) is a ``decompression_bomb`` before any pixel is decoded, garbage and truncated
+    bytes are a ``decode_error``. ``draft_side``: the shorter side a JPEG may be decoded down
+    to (DCT scaling), None for full size.
+    """
     if data is None:
         return None, MISSING_IMAGE
     if not data:
@@ -170,7 +188,7 @@ def decode(data: bytes | None, cfg: ImageConfig) -> tuple[Decoded | None, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            dec = _open(bytes(data), cfg)
+            dec = _open(bytes(data), max_pixels, draft_side)
             if isinstance(dec, str):
                 return None, dec
             dec.image, repair = _to_rgb(dec.image)
@@ -293,5 +311,5 @@ def _objects(values: Any) -> np.ndarray:
 __all__ = ["ALPHA_FLATTENED", "ANIMATED_FIRST_FRAME", "BAD_ASPECT_RATIO", "CMYK_CONVERTED",
            "DECODE_ERROR", "DECOMPRESSION_BOMB", "EMPTY_IMAGE", "EXIF_ROTATED",
            "HIGH_BIT_DEPTH_SCALED", "IMAGE_TOO_SMALL", "MISSING_IMAGE", "OPENABLE",
-           "REASONS", "REPAIRS", "Decoded", "ImageStage", "check_size", "decode",
+           "REASONS", "REPAIRS", "Decoded", "ImageStage", "check_size", "decode", "decode_rgb",
            "encode", "output_bytes", "target_size"]
