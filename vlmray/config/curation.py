@@ -31,8 +31,9 @@ class ReadConfig:
     """Table column holding encoded image bytes ("" = ``image``, ``jpg``, ``jpeg``, ``png``,
     ``webp``, ``img`` or ``image_bytes``); string values are read as image paths."""
     image_path_column: str = ""
-    """Table column holding image paths, relative to the table's directory or absolute / URIs
-    ("" = ``image_path``, ``file_name``, ``filename`` or ``path``, when no image column)."""
+    """Table column holding image paths, relative to the table's directory (absolute paths
+    and URIs only with ``allow_absolute_paths``) ("" = ``image_path``, ``file_name``,
+    ``filename`` or ``path``, when no image column)."""
     text_column: str = ""
     """Table column holding the caption ("" = ``caption``, ``text``, ``txt``, ``alt`` or
     ``TEXT``)."""
@@ -40,10 +41,28 @@ class ReadConfig:
     """Table column holding the image URL ("" = ``url``, ``URL`` or ``image_url``)."""
     meta_column: str = ""
     """Table column holding a JSON sidecar ("" = ``json`` or ``meta``)."""
+    allow_absolute_paths: bool = False
+    """Also read image paths that are absolute (``/data/x.jpg``) or storage URIs (``s3://``,
+    ``gs://``, ``file://``...). Off: only paths relative to the table's folder, inside it; any
+    other path is rejected (``image_path_outside_input``), so a table can only point at data
+    next to it. ``http(s)://`` paths are never read here (``url_belongs_in_url_column``): URLs
+    belong in the URL column, where the downloader fetches them with its checks."""
+    max_bytes: int = 20_000_000
+    """Largest image file or tar member read, in bytes (as ``download.max_bytes`` is for
+    downloads): a larger one is rejected (``file_too_large``) from its size, before it is
+    read, so one huge or endless file cannot exhaust a reader's memory."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"read.format {self.format!r}: valid: {', '.join(FORMATS)}")
+        if not isinstance(self.allow_absolute_paths, bool):  # config errors are all ValueError
+            raise ValueError(  # noqa: TRY004
+                f"read.allow_absolute_paths must be true or false, got "
+                f"{self.allow_absolute_paths!r}")
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) \
+                or self.max_bytes <= 0:
+            raise ValueError(f"read.max_bytes must be an integer > 0 (bytes), "
+                             f"got {self.max_bytes!r}")
         for f in fields(self):
             if f.name.endswith("_column") and not isinstance(getattr(self, f.name), str):
                 raise TypeError(f"read.{f.name} must be a column name (str), "

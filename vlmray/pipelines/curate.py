@@ -45,7 +45,7 @@ from vlmray.data import schema
 from vlmray.data.curation.accounting import check_identity, count_batch, stage_stats
 from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.curation.plan import apply_row_stages, global_stages, repair_stages, row_stages
-from vlmray.data.curation.readers import list_inputs, read_inputs
+from vlmray.data.curation.readers import READ_STAGE, list_inputs, read_inputs
 from vlmray.data.curation.twopass import (
     decision_stages,
     global_decisions,
@@ -218,7 +218,8 @@ def run(job: CurateJobConfig) -> CurateResult:
                                 summarize=_batch_summary, on_summary=totals.add,
                                 rejects_uri=layout.rejects, reject_columns=REJECT_COLUMNS,
                                 resources=where.get("resources"))
-    names = meta["stages"] + [g.name for g in globals_]
+    read = [READ_STAGE] if any(s == READ_STAGE for _, s, _ in totals.counts) else []
+    names = read + meta["stages"] + [g.name for g in globals_]   # "read": rows it refused
     stats = stage_stats(names, totals.counts, meta["repairs"])
     check_identity(stats["rows_in"], rows_out=out["rows_out"], rows_rejected=out["rows_rejected"],
                    where="curation output")

@@ -1,5 +1,6 @@
 """Readers on real files: webdataset tars (duplicate keys, raw text bytes, truncation), parquet
-with image bytes or relative paths, URL lists, s3:// through moto's server, and Ray Data."""
+with image bytes or relative paths, URL lists, s3:// through moto's server, and Ray Data; the
+curation job counting the rows the read refuses."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from vlmray.cli import field_docs
-from vlmray.config.curation import ReadConfig
+from vlmray.config.curation import ReadConfig, WriteConfig
+from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import (
     COLUMNS,
@@ -25,8 +28,9 @@ from vlmray.data.curation.readers import (
     read_inputs,
     read_inputs_local,
 )
-from vlmray.data.shards import encode_shard
+from vlmray.data.shards import encode_shard, iter_shards
 from vlmray.data.storage import filesystem, join
+from vlmray.pipelines.curate import run
 
 # The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
 pytestmark = pytest.mark.usefixtures("s3_server")
@@ -80,7 +84,7 @@ def test_webdataset_duplicate_keys_stay_separate_and_text_is_raw(tmp_path) -> No
                ("sub/d.WEBP", b"D"), ("sub/d.json", b"{}"), ("README", b"x")]
     (tmp_path / "dup.tar").write_bytes(_tar(members))
     batch = read_inputs_local(str(tmp_path / "dup.tar"))
-    assert list(batch[schema.KEY]) == ["a", "b", "a", "c", "c", "d"]
+    assert list(batch[schema.KEY]) == ["a", "b", "a", "c", "c", "sub_d"]   # sub/d: its path
     assert list(batch[schema.IMAGE]) == [b"A1", b"B", b"A2", b"C1", b"C2", b"D"]
     assert batch[schema.TEXT][0] == b"\xff\xfe not utf-8"        # not decoded
     assert list(batch[schema.TEXT][1:]) == [None] * 5
@@ -130,7 +134,7 @@ def test_parquet_image_bytes_and_image_paths(tmp_path) -> None:
         {"bytes": b"HF", "path": "x.jpg"}, {"bytes": None, "path": "imgs/p0.jpg"}]})
     assert list_inputs(str(tmp_path)) == [(str(tmp_path / f"{n}.parquet"), "parquet")
                                           for n in "abc"]
-    batch = read_inputs_local(str(tmp_path))
+    batch = read_inputs_local(str(tmp_path), ReadConfig(allow_absolute_paths=True))
     assert list(batch[schema.KEY]) == (["10", "11", "12"] + [f"00001{i:06d}" for i in range(4)]
                                        + ["00002000000", "00002000001"])
     assert list(batch[schema.IMAGE]) == [b"I0", None, b"", b"P0", None, b"ABS", None, b"HF",
@@ -235,3 +239,34 @@ def test_ray_read_matches_local(ray_local, tmp_path) -> None:
     assert len(order) == len(expected[schema.ROW_ID]) == 3 * 5 + 2 + 1
     for col in COLUMNS:
         assert list(got[col][order]) == list(expected[col]), col
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_curation_counts_rows_the_read_refuses_and_finishes(ray_local, tmp_path) -> None:
+    """Keys with ``.`` or ``/`` and a path outside the table's folder are rejected under a
+    ``read`` stage; the job used to fail in the shard writer, after all the work, every rerun."""
+    words = ["red fox", "blue boat", "green field", "old bridge", "tall tower", "small cat"]
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    for i in range(len(words)):
+        (data / "imgs" / f"{i}.jpg").write_bytes(_jpeg(i))
+    (tmp_path / "secret.jpg").write_bytes(_jpeg(99))
+    paths = [f"imgs/{i}.jpg" for i in range(len(words))]
+    paths[4] = "../secret.jpg"
+    _write_parquet(data / "t.parquet", {"key": ["k0", "k.1", "k/2", "k3", "k4", "k5"],
+                                        "image_path": paths,
+                                        "caption": [f"a photo of a {w} in the sun" for w in words]})
+    stats = run(CurateJobConfig(input=str(data / "t.parquet"), output=str(tmp_path / "out"),
+                                write=WriteConfig(shard_size=10))).stats
+    assert stats["rows_in"] == 6 == stats["rows_out"] + stats["rows_rejected"]
+    read = stats["stages"][0]
+    assert read["name"] == "read" and read["in"] == 6 and read["kept"] == 3
+    assert read["dropped"] == {"invalid_key": 2, "image_path_outside_input": 1}
+    kept = sorted(s[schema.KEY] for s in iter_shards(str(tmp_path / "out" / "shards")))
+    assert kept == ["k0", "k3", "k5"] and stats["rows_out"] == 3

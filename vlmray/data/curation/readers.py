@@ -1,9 +1,21 @@
 """Readers of curation inputs: webdataset tars, parquet tables and URL lists, local or ``s3://``.
 
 Every input file becomes one NumPy batch of raw rows (``KEY``, ``IMAGE``, ``TEXT``, ``META``,
-``URL``) with provenance (``SOURCE``, ``ROW_ID``). Nothing is judged here: caption bytes stay
-undecoded, a repeated key stays a separate row, a truncated tar yields the rows before the cut;
-later stages reject, with a reason, whatever is bad.
+``URL``) with provenance (``SOURCE``, ``ROW_ID``) and the read's verdict (``REJECT_REASON``,
+``REJECT_STAGE`` = ``read`` or ""). Content is not judged here: caption bytes stay undecoded, a
+repeated key stays a separate row, a truncated tar yields the rows before the cut; later
+stages reject, with a reason, whatever is bad. What the read itself must refuse is rejected
+here, with a reason, and never read or never reaches a writer (:data:`READ_REASONS`):
+
+* a key that cannot name shard members (``.`` or ``/`` in a table's key column):
+  ``invalid_key``; tar members are grouped by their full path up to the extension and keyed
+  by it with ``/`` and ``.`` made ``_`` (:func:`vlmray.data.shards.member_group`);
+* an image path outside the table's folder (``../``), or absolute / a URI without
+  ``read.allow_absolute_paths``: ``image_path_outside_input``; an ``http(s)://`` image path:
+  ``url_belongs_in_url_column`` (the downloader fetches URLs, with its checks);
+* a path that is not a regular file (``/dev/zero``, a directory): ``image_path_not_a_file``;
+* an image file or tar member over ``read.max_bytes``: ``file_too_large``, from its size,
+  before its bytes are read.
 
     list_inputs("s3://raw/laion/")            # [("s3://raw/laion/00000.tar", "webdataset"), ...]
     ds = read_inputs("s3://raw/laion/")       # Ray Data: one read task per input file
@@ -19,6 +31,8 @@ import json
 import logging
 import os
 import posixpath
+import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Sequence
@@ -33,6 +47,7 @@ from vlmray.config.curation import ReadConfig
 from vlmray.config.data import PlacementConfig
 from vlmray.data import schema
 from vlmray.data.placement import apply_budget, remote_args
+from vlmray.data.shards import member_group, sample_key, valid_key
 from vlmray.data.storage import arrow_filesystem, filesystem, is_remote, join, to_uri
 
 if TYPE_CHECKING:
@@ -44,9 +59,22 @@ Batch = dict[str, np.ndarray]
 ARROW_SCHEMA = pa.schema([(schema.KEY, pa.string()), (schema.IMAGE, pa.binary()),
                           (schema.TEXT, pa.binary()), (schema.META, pa.string()),
                           (schema.URL, pa.string()), (schema.SOURCE, pa.string()),
-                          (schema.ROW_ID, pa.int64())])
+                          (schema.ROW_ID, pa.int64()), (schema.REJECT_REASON, pa.string()),
+                          (schema.REJECT_STAGE, pa.string())])
 COLUMNS: tuple[str, ...] = tuple(ARROW_SCHEMA.names)   # every batch a reader returns has these
 _ROW_COLUMNS = COLUMNS[:5]                       # what a reader fills; then SOURCE, ROW_ID
+
+READ_STAGE = "read"
+"""The ``REJECT_STAGE`` of rows the read rejects (a stage of the curation stats)."""
+INVALID_KEY = "invalid_key"
+IMAGE_PATH_OUTSIDE_INPUT = "image_path_outside_input"
+URL_BELONGS_IN_URL_COLUMN = "url_belongs_in_url_column"
+IMAGE_PATH_NOT_A_FILE = "image_path_not_a_file"
+FILE_TOO_LARGE = "file_too_large"
+READ_REASONS = (INVALID_KEY, IMAGE_PATH_OUTSIDE_INPUT, URL_BELONGS_IN_URL_COLUMN,
+                IMAGE_PATH_NOT_A_FILE, FILE_TOO_LARGE)
+_WEB_SCHEMES = frozenset({"http", "https", "ftp", "ftps"})
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 _EXTENSIONS = {".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
                ".parquet": "parquet", ".csv": "urls", ".tsv": "urls", ".jsonl": "urls",
@@ -174,31 +202,45 @@ def _objects(values: Sequence[Any]) -> np.ndarray:
 
 
 def _to_batch(rows: dict[str, list[Any]], uri: str, file_index: int) -> Batch:
+    """The batch of a file's rows; a given key that cannot name shard members is rejected
+    here (``invalid_key``), so it never reaches, and fails, a writer after all the work."""
     n = len(rows[schema.KEY])
     if n >= 1 << 32 or not 0 <= file_index < 1 << 31:
         raise ValueError(f"{uri}: {n} rows / file index {file_index} overflow ROW_ID")
     keys = [k if k else f"{file_index:05d}{i:06d}" for i, k in enumerate(rows[schema.KEY])]
-    return {schema.KEY: _objects(keys), schema.IMAGE: _objects(rows[schema.IMAGE]),
+    reasons = list(rows.get(schema.REJECT_REASON) or [""] * n)
+    reasons = [r or ("" if valid_key(k) else INVALID_KEY) for r, k in zip(reasons, keys)]
+    images = [None if r else v for r, v in zip(reasons, rows[schema.IMAGE])]
+    if any(reasons):
+        log.warning("%s: %d rows rejected at read: %s", uri, sum(map(bool, reasons)),
+                    dict(sorted((r, reasons.count(r)) for r in set(reasons) if r)))
+    return {schema.KEY: _objects(keys), schema.IMAGE: _objects(images),
             schema.TEXT: _objects(rows[schema.TEXT]), schema.META: _objects(rows[schema.META]),
             schema.URL: _objects([u or "" for u in rows[schema.URL]]),
             schema.SOURCE: _objects([uri] * n),
-            schema.ROW_ID: (np.int64(file_index) << 32) | np.arange(n, dtype=np.int64)}
+            schema.ROW_ID: (np.int64(file_index) << 32) | np.arange(n, dtype=np.int64),
+            schema.REJECT_REASON: _objects(reasons),
+            schema.REJECT_STAGE: _objects([READ_STAGE if r else "" for r in reasons])}
 
 
 def _tar_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
-    """``(key, column)`` of a member, webdataset-style, or None for members we ignore."""
+    """``(group, column)`` of a member (:func:`~vlmray.data.shards.member_group`: its full path
+    up to the extension), or None for members we ignore."""
     if not info.isfile():
         return None
-    key, _, suffix = posixpath.basename(info.name).partition(".")
+    group, suffix = member_group(info.name)
     col = _SUFFIX_COLUMN.get(suffix.lower())
-    return (key, col) if col else None
+    return (group, col) if col else None
 
 
-def _read_tar(uri: str) -> list[dict[str, Any]]:
-    """Rows of a tar in member order; a key that re-appears (or repeats a member) is a new row."""
+def _read_tar(uri: str, max_bytes: int) -> list[dict[str, Any]]:
+    """Rows of a tar in member order; a group that re-appears (or repeats a member) is a new
+    row. A member over ``max_bytes`` is skipped unread (the stream seeks past it) and its row
+    rejected (``file_too_large``)."""
     fs, path = filesystem(uri)
     rows: list[dict[str, Any]] = []
     row: dict[str, Any] = {}
+    group, seen = "", set()
     tar = None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -206,10 +248,16 @@ def _read_tar(uri: str) -> list[dict[str, Any]]:
                 member = _tar_member(info)
                 if member is None:
                     continue
-                key, col = member
-                if not rows or row[schema.KEY] != key or row[col] is not None:
-                    row = {**dict.fromkeys(_ROW_COLUMNS), schema.KEY: key}
+                name, col = member
+                if not rows or group != name or col in seen:
+                    row = {**dict.fromkeys(_ROW_COLUMNS), schema.KEY: sample_key(name),
+                           schema.REJECT_REASON: ""}
                     rows.append(row)
+                    group, seen = name, set()
+                seen.add(col)
+                if info.size > max_bytes:
+                    row[schema.REJECT_REASON] = row[schema.REJECT_REASON] or FILE_TOO_LARGE
+                    continue
                 data = tar.extractfile(info)
                 value = data.read() if data else b""
                 row[col] = value.decode("utf-8", "replace") if col == schema.META else value
@@ -236,17 +284,47 @@ def _meta_str(value: Any) -> str | None:
         value, default=str)
 
 
-def _read_blob(uri: str) -> bytes | None:
+def _read_blob(uri: str, max_bytes: int) -> tuple[bytes | None, str]:
+    """``(bytes, "")``, ``(None, "")`` when missing, or ``(None, reason)``: never more than
+    ``max_bytes + 1`` bytes are read, and a local path must be a regular file (``/dev/zero``
+    or a FIFO would never end)."""
     fs, path = filesystem(uri)
     try:
-        return fs.cat_file(path)
-    except (FileNotFoundError, IsADirectoryError):
-        return None
+        if not is_remote(uri):
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None, IMAGE_PATH_NOT_A_FILE
+            if st.st_size > max_bytes:
+                return None, FILE_TOO_LARGE
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None, ""
+    return (None, FILE_TOO_LARGE) if len(data) > max_bytes else (data, "")
 
 
-def _images(values: list[Any], paths: list[Any], base: str) -> list[bytes | None]:
-    """Image bytes per row: inline bytes, an HF-style ``{bytes, path}`` struct, or a path."""
+def _image_uri(p: str, base: str, cfg: ReadConfig) -> tuple[str, str]:
+    """``(what to read, "")`` for an image path from a table, or ``("", reason)``. Relative
+    paths stay inside ``base`` (the table's folder); absolute paths and URIs only with
+    ``read.allow_absolute_paths``; web URLs never (the downloader fetches those, with its
+    checks); fsspec chains (``a::b``) never."""
+    if any(m.lower() in _WEB_SCHEMES for m in _SCHEME.findall(p)):
+        return "", URL_BELONGS_IN_URL_COLUMN
+    if "::" in p:
+        return "", IMAGE_PATH_OUTSIDE_INPUT
+    if "://" in p or posixpath.isabs(p):
+        return (p, "") if cfg.allow_absolute_paths else ("", IMAGE_PATH_OUTSIDE_INPUT)
+    rel = posixpath.normpath(p)
+    if rel == ".." or rel.startswith("../"):
+        return "", IMAGE_PATH_OUTSIDE_INPUT
+    return join(base, rel), ""
+
+
+def _images(values: list[Any], paths: list[Any], base: str,
+            cfg: ReadConfig) -> tuple[list[bytes | None], list[str]]:
+    """Image bytes per row (inline bytes, an HF-style ``{bytes, path}`` struct, or a path read
+    under :func:`_image_uri`'s rules and ``read.max_bytes``), and a read reject reason each."""
     out: list[bytes | None] = [None] * len(values)
+    reasons = [""] * len(values)
     to_read: dict[int, str] = {}
     for i, (value, p) in enumerate(zip(values, paths)):
         if isinstance(value, dict):
@@ -256,13 +334,15 @@ def _images(values: list[Any], paths: list[Any], base: str) -> list[bytes | None
             continue
         p = str(value if isinstance(value, str) and value else p or "")   # str image: a path
         if p:
-            local_abs = not is_remote(base) and os.path.isabs(p)
-            to_read[i] = p if "://" in p or local_abs else join(base, p)
+            uri, reasons[i] = _image_uri(p.strip(), base, cfg)
+            if uri:
+                to_read[i] = uri
     if to_read:
         with ThreadPoolExecutor(8 if is_remote(base) else 1) as pool:
-            for i, data in zip(to_read, pool.map(_read_blob, to_read.values())):
-                out[i] = data
-    return out
+            read = pool.map(lambda u: _read_blob(u, cfg.max_bytes), to_read.values())
+            for i, (data, reason) in zip(to_read, read):
+                out[i], reasons[i] = data, reason
+    return out, reasons
 
 
 def _table_columns(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
@@ -309,8 +389,9 @@ def _read_table(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
         return columns[roles[role]] if roles[role] else [None] * n
 
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    images, reasons = _images(col("image"), col("image_path"), base, cfg)
     return {schema.KEY: [None if v is None else str(v) for v in col("key")],
-            schema.IMAGE: _images(col("image"), col("image_path"), base),
+            schema.IMAGE: images, schema.REJECT_REASON: reasons,
             schema.TEXT: [_text_bytes(v) for v in col("text")],
             schema.META: [_meta_str(v) for v in col("meta")],
             schema.URL: ["" if v is None else str(v).strip() for v in col("url")]}
@@ -320,12 +401,14 @@ def read_file(uri: str, file_index: int, fmt: str, cfg: ReadConfig | None = None
     """All rows of one input file as a NumPy batch with exactly :data:`COLUMNS`.
 
     ``IMAGE``/``TEXT`` are bytes or None (text is not decoded), ``META`` str or None, ``URL``
-    str ("" when none), ``SOURCE`` is ``uri``, ``ROW_ID`` is ``(file_index << 32) | row``.
+    str ("" when none), ``SOURCE`` is ``uri``, ``ROW_ID`` is ``(file_index << 32) | row``;
+    ``REJECT_REASON`` is one of :data:`READ_REASONS` (``REJECT_STAGE`` ``read``, ``IMAGE``
+    None) or "" for rows the read passes on.
     """
     cfg = cfg or ReadConfig()
     if fmt == "webdataset":
-        rows = _read_tar(uri)
-        columns = {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
+        rows = _read_tar(uri, cfg.max_bytes)
+        columns = {c: [r[c] for r in rows] for c in (*_ROW_COLUMNS, schema.REJECT_REASON)}
     elif fmt in ("parquet", "urls"):
         columns = _read_table(uri, cfg)
     else:
@@ -363,5 +446,7 @@ def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:
     return {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
 
 
-__all__ = ["ARROW_SCHEMA", "COLUMNS", "list_inputs", "read_file",
-           "read_inputs", "read_inputs_local"]
+__all__ = ["ARROW_SCHEMA", "COLUMNS", "FILE_TOO_LARGE", "IMAGE_PATH_NOT_A_FILE",
+           "IMAGE_PATH_OUTSIDE_INPUT", "INVALID_KEY", "READ_REASONS", "READ_STAGE",
+           "URL_BELONGS_IN_URL_COLUMN", "list_inputs", "read_file", "read_inputs",
+           "read_inputs_local"]
