@@ -34,7 +34,8 @@ BAD = {"/gone.jpg": (status(404), "download_http_error"),
        "/page.html": (body(HTML, "text/html"), "decode_error")}
 RUN = {**SMALL, "train.steps": 4, "train.batch_size": 16, "train.checkpoint_every": 4,
        "train.log_every": 2, "eval.every": 0, "eval.max_samples": 32, "data.curate": True,
-       "data.curation.download.timeout_s": 2.0, "data.curation.download.retries": 0}
+       "data.curation.download.timeout_s": 2.0, "data.curation.download.retries": 0,
+       "data.curation.download.allow_hosts": ["127.0.0.1"]}      # the test server's address
 
 
 # The session's S3 endpoint starts before this module's Ray, so Ray's workers inherit its env.
@@ -152,7 +153,8 @@ def test_curation_job_reads_the_list_from_s3_and_resumes_from_s3_staging(s3_run,
     _, source, rows = s3_run
     before = dict(server.hits)
     job = CurateJobConfig(input=source, output=f"{bucket}/curated", keep_staging=True,
-                          download=DownloadConfig(timeout_s=2.0, retries=0),
+                          download=DownloadConfig(timeout_s=2.0, retries=0,
+                                                  allow_hosts=["127.0.0.1"]),
                           write=WriteConfig(shard_size=12))
     stats = run(job).stats
     assert (stats["rows_in"], stats["rows_out"]) == (len(rows), GOOD)

@@ -5,6 +5,7 @@ input reading and output shards.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
@@ -12,6 +13,7 @@ from typing import Literal, get_args
 InputFormat = Literal["auto", "webdataset", "parquet", "urls"]
 
 FORMATS: tuple[str, ...] = get_args(InputFormat)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(kw_only=True)
@@ -81,9 +83,10 @@ class DownloadConfig:
     timeout_s: float = 10.0
     """Seconds to wait to connect and for each read of the response."""
     deadline_s: float = 60.0
-    """Most seconds one attempt may take, checked as the body arrives: a server that trickles
-    bytes just faster than ``timeout_s`` is cut off here (``download_timeout``) instead of
-    holding a download thread, and the batch waiting on it, for as long as it likes."""
+    """Most seconds one URL's download may take in all (connecting, headers, body, redirects,
+    retries and the waits between them): a server that trickles bytes just faster than
+    ``timeout_s`` is cut off here (``download_timeout``) instead of holding a download
+    thread, and the batch waiting on it, for as long as it likes."""
     retries: int = 2
     """Extra attempts after a timeout, connection error or HTTP 5xx/429 (never other 4xx)."""
     backoff_s: float = 0.5
@@ -99,6 +102,22 @@ class DownloadConfig:
     respect_robots_headers: bool = True
     """Reject responses whose ``X-Robots-Tag`` says ``noai``, ``noimageai``, ``noindex`` or
     ``none`` for all bots or for ours."""
+    max_redirects: int = 5
+    """Most redirects followed per attempt; one more is ``download_too_many_redirects``. Each
+    hop's address is checked again, so a public URL cannot redirect into the cluster."""
+    retry_after_max_s: float = 30.0
+    """A 429/503's ``Retry-After`` (seconds or a date) is waited before the next attempt, up
+    to this; a server asking for longer is not retried (``download_http_error``)."""
+    allow_private: bool = False
+    """Also fetch from loopback, private (10/8, 172.16/12, 192.168/16, fc00::/7), shared
+    (100.64/10) and other non-public addresses. Off: a URL whose host resolves only there is
+    ``download_blocked``, so a URL list cannot reach services inside the cluster. Link-local
+    and cloud-metadata addresses (169.254.169.254, fd00:ec2::254, ...) stay blocked unless a
+    network in ``allow_hosts`` names them."""
+    allow_hosts: list[str] = field(default_factory=list)
+    """Hosts fetched even at a private address: exact host names (``mirror.internal``, not
+    redirected-to names that are not listed) and IP addresses or networks (``10.1.2.3``,
+    ``10.0.0.0/8``, ``127.0.0.1`` for a local test server), for a private mirror."""
 
     def __post_init__(self) -> None:
         positive = {"timeout_s": self.timeout_s, "deadline_s": self.deadline_s,
@@ -107,11 +126,36 @@ class DownloadConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"download.{name} must be > 0, got {value!r}")
-        for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
+        for name, value in {"retries": self.retries, "backoff_s": self.backoff_s,
+                            "max_redirects": self.max_redirects,
+                            "retry_after_max_s": self.retry_after_max_s}.items():
             if not value >= 0:
                 raise ValueError(f"download.{name} must be >= 0, got {value!r}")
         if not self.user_agent.strip():
             raise ValueError("download.user_agent must be non-empty")
+        if not isinstance(self.allow_private, bool):
+            raise ValueError(f"download.allow_private must be true or false, "
+                             f"got {self.allow_private!r}")
+        self.allow_networks()                       # every allow_hosts entry parses
+
+    def allow_networks(self) -> tuple[frozenset[str], tuple[IPNetwork, ...]]:
+        """``allow_hosts`` split into lower-case host names and IP networks."""
+        if not isinstance(self.allow_hosts, list):
+            raise ValueError(f"download.allow_hosts must be a list of host names, addresses "
+                             f"or networks, got {self.allow_hosts!r}")
+        names, networks = set(), []
+        for entry in self.allow_hosts:
+            text = entry.strip().lower().rstrip(".") if isinstance(entry, str) else ""
+            try:
+                networks.append(ipaddress.ip_network(text.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", text):
+                raise ValueError(f"download.allow_hosts: {entry!r} is not a host name, an IP "
+                                 "address or a network (10.0.0.0/8)")
+            names.add(text)
+        return frozenset(names), tuple(networks)
 
     @property
     def bot_token(self) -> str:

@@ -161,8 +161,11 @@ def _batch(urls: list[str], images: list[bytes | None] | None = None) -> dict[st
     return {schema.KEY: key, schema.URL: url, schema.IMAGE: img}
 
 
+LOCAL = ["127.0.0.1"]                  # the test server's address: allowed explicitly
+
+
 def _run(urls: list[str], images: list[bytes | None] | None = None, **cfg) -> dict:
-    cfg = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.01, **cfg}
+    cfg = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.01, "allow_hosts": LOCAL, **cfg}
     return DownloadStage(DownloadConfig(**cfg))(_batch(urls, images))
 
 
@@ -182,7 +185,7 @@ def test_rows_rejected_earlier_are_not_fetched(server) -> None:
     url = _url(server, "/ok.png")
     batch = _batch([url])
     batch[schema.REJECT_REASON] = filled("bad_text", 1)
-    out = DownloadStage(DownloadConfig())(batch)
+    out = DownloadStage(DownloadConfig(allow_hosts=LOCAL))(batch)
     assert out[schema.REJECT_REASON][0] == "bad_text" and _hits(server, url) == 0
 
 
@@ -271,7 +274,7 @@ def test_config_is_documented_validated_and_stage_pickles(server) -> None:
         DownloadConfig(retries=-1)
     with pytest.raises(ValueError, match="download.per_host"):
         DownloadConfig(per_host=0)
-    stage = DownloadStage(DownloadConfig(threads=2))
+    stage = DownloadStage(DownloadConfig(threads=2, allow_hosts=LOCAL))
     stage(_batch([_url(server, "/ok.png")]))                 # set up: threads and locks
     clone = pickle.loads(pickle.dumps(stage))                # as Ray ships it to workers
     assert clone(_batch([_url(server, "/ok.png")]))[schema.IMAGE][0] == PNG

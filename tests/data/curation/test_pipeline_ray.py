@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.data.curation.corpus import bad_rows
-from vlmray.config.curation import WriteConfig
+from vlmray.config.curation import DownloadConfig, WriteConfig
 from vlmray.config.data import SyntheticConfig
 from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
@@ -189,6 +189,7 @@ def test_url_list_downloads_through_ray(ray_local, http_images, tmp_path) -> Non
     lines += [f"{base}/missing.jpg,a photo that is gone", "ftp://example/x.jpg,a bad scheme"]
     (tmp_path / "urls.csv").write_text("\n".join(lines) + "\n")
     job = _job(str(tmp_path / "urls.csv"), str(tmp_path / "out"))
+    job.download = DownloadConfig(allow_hosts=["127.0.0.1"])     # the test server's address
     stats = run(job).stats
     assert [s["name"] for s in stats["stages"]][0] == "download"
     assert stats["reject_reasons"] == {"download_http_error": 1, "download_error": 1}

@@ -1,29 +1,42 @@
-"""Download the images of URL-list rows: bounded retries, per-host limits, ``X-Robots-Tag``.
+"""Download the images of URL-list rows: bounded retries, per-host limits, ``X-Robots-Tag``,
+no private addresses, one deadline per URL.
 
 For each live row with a non-empty ``URL`` and no ``IMAGE``, :class:`DownloadStage` fetches the
 URL (http/https only) on a thread pool made once per worker, at most ``per_host`` requests at a
 time to one host, and stores the body in ``IMAGE``. Timeouts, connection errors and HTTP
-5xx/429 are retried with exponential backoff; other 4xx are not. Failures become reject reasons;
-results keep row order whatever order the requests finish in.
+5xx/429 are retried with exponential backoff (or the server's bounded ``Retry-After``); other
+4xx are not. Failures become reject reasons; results keep row order whatever order the
+requests finish in.
+
+A URL list is untrusted input running inside the cluster, so every connection goes to an
+address checked first (:class:`AddressPolicy`): loopback, private, link-local and
+cloud-metadata addresses are ``download_blocked`` unless ``download.allow_private`` or
+``download.allow_hosts`` allows them. The check runs on the address actually connected to (no
+second DNS lookup to rebind), and again on every redirect hop, which this module follows itself
+(at most ``max_redirects``). ``deadline_s`` bounds one URL's whole download: each socket read
+waits at most what is left of it, so a server dripping headers or body cannot hold a thread.
 
     batch = DownloadStage(DownloadConfig(threads=32, per_host=8))(batch)
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
+import io
+import ipaddress
 import itertools
 import socket
+import ssl
+import string
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from vlmray.config.curation import DownloadConfig
 from vlmray.data import schema
@@ -33,14 +46,20 @@ DOWNLOAD_TIMEOUT = "download_timeout"
 DOWNLOAD_HTTP_ERROR = "download_http_error"
 DOWNLOAD_ERROR = "download_error"
 DOWNLOAD_TOO_LARGE = "download_too_large"
+DOWNLOAD_BLOCKED = "download_blocked"
+DOWNLOAD_REDIRECTS = "download_too_many_redirects"
 ROBOTS_DISALLOWED = "robots_disallowed"
 REASONS = (DOWNLOAD_TIMEOUT, DOWNLOAD_HTTP_ERROR, DOWNLOAD_ERROR, DOWNLOAD_TOO_LARGE,
-           ROBOTS_DISALLOWED)
+           DOWNLOAD_BLOCKED, DOWNLOAD_REDIRECTS, ROBOTS_DISALLOWED)
 
 ROBOTS_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "none"})
 _ARGUMENT_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview",
                                   "max-video-preview"})   # "name: value", not "bot: directive"
 _SCHEMES = ("http", "https")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "fd00:ec2::254",    # AWS, GCP, Azure, ECS; AWS IPv6
+    "100.100.100.200", "192.0.0.192"))                      # Alibaba, Oracle
 
 
 def robots_disallowed(values: Iterable[str], bot: str) -> bool:
@@ -65,10 +84,17 @@ class _Result:
     body: bytes | None = None
     reason: str = ""
     retry: bool = False
+    wait_s: float | None = None          # the server's Retry-After, when it gave one
 
 
-def _error_result(err: BaseException | str) -> _Result:
-    """An exception (or ``URLError.reason``) -> its reject reason and whether to retry."""
+class BlockedAddress(OSError):
+    """Every address a host resolves to is one the policy refuses."""
+
+
+def _error_result(err: BaseException) -> _Result:
+    """An exception -> its reject reason and whether to retry."""
+    if isinstance(err, BlockedAddress):
+        return _Result(reason=DOWNLOAD_BLOCKED)
     if isinstance(err, TimeoutError):
         return _Result(reason=DOWNLOAD_TIMEOUT, retry=True)
     if isinstance(err, (socket.gaierror, http.client.InvalidURL)):
@@ -77,14 +103,142 @@ def _error_result(err: BaseException | str) -> _Result:
     return _Result(reason=DOWNLOAD_ERROR, retry=retry)
 
 
-class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """Follows redirects to http/https only (urllib would also follow ftp)."""
+class AddressPolicy:
+    """Which addresses downloads may connect to, and the connecting itself.
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> Any:
-        if urlsplit(newurl).scheme.lower() not in _SCHEMES:
-            return None                                  # -> HTTPError on the 3xx
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    Public (globally routable, unicast) addresses always; non-public ones (loopback, private,
+    shared, reserved) only with ``allow_private`` or for a host named in ``allow_hosts``;
+    link-local and cloud-metadata addresses only inside a network listed in ``allow_hosts``.
+    """
+
+    def __init__(self, cfg: DownloadConfig) -> None:
+        self.allow_private = cfg.allow_private
+        self.names, self.networks = cfg.allow_networks()
+
+    def allows(self, host: str, address: str) -> bool:
+        """Whether ``address`` (one that ``host`` resolved to) may be connected to."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip          # ::ffff:127.0.0.1 is 127.0.0.1
+        if any(ip in net for net in self.networks):
+            return True
+        if (ip in METADATA_ADDRESSES or ip.is_link_local or ip.is_multicast
+                or ip.is_unspecified):
+            return False
+        named = host.lower().rstrip(".") in self.names
+        return ip.is_global or self.allow_private or named
+
+    def connect(self, host: str, port: int, timeout: float, deadline: float) -> socket.socket:
+        """A socket connected to an allowed address of ``host`` (the address checked is the
+        one connected to, so DNS cannot answer differently in between)."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        allowed = [i for i in infos if self.allows(host, str(i[4][0]))]
+        if not allowed:
+            found = sorted({str(i[4][0]) for i in infos})
+            raise BlockedAddress(f"{host} resolves only to blocked addresses {found}")
+        error: OSError = OSError(f"no address of {host} accepted a connection")
+        for family, kind, proto, _, address in allowed:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(_time_left(timeout, deadline))
+                sock.connect(address)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+
+def _time_left(timeout: float, deadline: float) -> float:
+    """The socket timeout for the next wait: ``timeout``, or less when the deadline is near;
+    TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("download deadline passed")
+    return min(timeout, left)
+
+
+class _TimedSocket:
+    """A connected socket whose every send and receive waits at most what is left of the
+    deadline; what http.client's connection and response see as their socket."""
+
+    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
+        self._sock, self._timeout, self._deadline = sock, timeout, deadline
+        self._readers, self._closed = 0, False
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_time_left(self._timeout, self._deadline))
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer: Any) -> int:
+        self._sock.settimeout(_time_left(self._timeout, self._deadline))
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        self._readers += 1
+        return io.BufferedReader(_TimedReader(self))
+
+    def release(self) -> None:
+        self._readers -= 1
+        self._close_if_done()
+
+    def close(self) -> None:
+        """Closes the socket once no response still reads from it (http.client closes the
+        connection before the body is read when the server will hang up after it)."""
+        self._closed = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._closed and self._readers <= 0:
+            self._sock.close()
+
+
+class _TimedReader(io.RawIOBase):
+    def __init__(self, sock: _TimedSocket) -> None:
+        self._timed = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._timed.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._timed.release()
+        super().close()
+
+
+def _connection(url: str, policy: AddressPolicy, timeout: float, deadline: float,
+                context: ssl.SSLContext) -> tuple[http.client.HTTPConnection, str]:
+    """An unopened connection for ``url`` that connects through ``policy``, and the request
+    target (path and query)."""
+    parts = urlsplit(url)
+    https = parts.scheme.lower() == "https"
+    host, port = parts.hostname or "", parts.port or (443 if https else 80)
+
+    def connect(conn: http.client.HTTPConnection) -> None:
+        sock: socket.socket = policy.connect(host, port, timeout, deadline)
+        if https:
+            sock = context.wrap_socket(sock, server_hostname=host)
+        conn.sock = _TimedSocket(sock, timeout, deadline)
+
+    kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    conn = kind(host, port, timeout=timeout)
+    conn.connect = lambda: connect(conn)        # type: ignore[method-assign]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return conn, target
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _round_robin(hosts: list[str]) -> list[int]:
@@ -116,7 +270,8 @@ class DownloadStage(Stage):
     def setup(self) -> None:
         self._pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="download")
         weakref.finalize(self, self._pool.shutdown, wait=False)
-        self._opener = urllib.request.build_opener(_HttpRedirectsOnly())
+        self._policy = AddressPolicy(self.cfg)
+        self._context = ssl.create_default_context()
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
@@ -150,36 +305,61 @@ class DownloadStage(Stage):
             return self._hosts[host]
 
     def _fetch(self, url: str) -> _Result:
+        """Every attempt at ``url``, within one deadline that starts when the first attempt
+        gets its host slot (queueing behind other rows of the same host is not the URL's)."""
         host = _host(url)
         if host is None:
             return _Result(reason=DOWNLOAD_ERROR)
-        result = _Result()
+        result, deadline = _Result(), 0.0
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+                wait = (result.wait_s if result.wait_s is not None
+                        else self.cfg.backoff_s * 2 ** (attempt - 1))
+                if time.monotonic() + wait >= deadline:
+                    break                                # no time left for another attempt
+                time.sleep(wait)
             with self._slot(host):
-                result = self._attempt(url)
+                deadline = deadline or time.monotonic() + self.cfg.deadline_s
+                result = self._attempt(url, deadline)
             if not result.retry:
                 break
         return result
 
-    def _attempt(self, url: str) -> _Result:
-        request = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
-        deadline = time.monotonic() + self.cfg.deadline_s
+    def _attempt(self, url: str, deadline: float) -> _Result:
+        """One attempt: the request, and each redirect hop (its address checked again)."""
         try:
-            with self._opener.open(request, timeout=self.cfg.timeout_s) as response:
-                return self._read(response, deadline)
-        except urllib.error.HTTPError as e:
-            e.close()
-            return _Result(reason=DOWNLOAD_HTTP_ERROR, retry=e.code >= 500 or e.code == 429)
-        except urllib.error.URLError as e:
-            return _error_result(e.reason)
+            for _ in range(self.cfg.max_redirects + 1):
+                conn, target = _connection(url, self._policy, self.cfg.timeout_s, deadline,
+                                           self._context)
+                try:
+                    conn.request("GET", target, headers={"User-Agent": self.cfg.user_agent,
+                                                         "Connection": "close"})
+                    with conn.getresponse() as response:
+                        location = response.getheader("Location")
+                        if response.status not in _REDIRECTS or not location:
+                            return self._response(response)
+                finally:
+                    conn.close()
+                url = urljoin(url, quote(location.strip(), safe=string.punctuation))
+                if _host(url) is None:                   # a redirect to ftp:, file:, ...
+                    return _Result(reason=DOWNLOAD_HTTP_ERROR)
+            return _Result(reason=DOWNLOAD_REDIRECTS)
         except (OSError, http.client.HTTPException) as e:
             return _error_result(e)
         except (ValueError, OverflowError):      # a malformed URL, a port out of range
             return _Result(reason=DOWNLOAD_ERROR)
 
-    def _read(self, response: Any, deadline: float) -> _Result:
+    def _response(self, response: http.client.HTTPResponse) -> _Result:
+        """A final (non-redirect) response -> its body or reject reason."""
+        if not 200 <= response.status < 300:
+            retry = response.status >= 500 or response.status == 429
+            wait = _retry_after(response.getheader("Retry-After")) if retry else None
+            if wait is not None and wait > self.cfg.retry_after_max_s:
+                retry = False                            # asks for longer than we wait
+            return _Result(reason=DOWNLOAD_HTTP_ERROR, retry=retry, wait_s=wait)
+        return self._read(response)
+
+    def _read(self, response: http.client.HTTPResponse) -> _Result:
         headers, cfg = response.headers, self.cfg
         if cfg.respect_robots_headers and robots_disallowed(
                 headers.get_all("X-Robots-Tag") or [], cfg.bot_token):
@@ -188,9 +368,7 @@ class DownloadStage(Stage):
         length = int(declared) if declared.isdigit() else None
         if length is not None and length > cfg.max_bytes:
             return _Result(reason=DOWNLOAD_TOO_LARGE)
-        body = _read_body(response, cfg.max_bytes + 1, deadline)
-        if body is None:
-            return _Result(reason=DOWNLOAD_TIMEOUT, retry=True)
+        body = _read_body(response, cfg.max_bytes + 1)
         if len(body) > cfg.max_bytes:
             return _Result(reason=DOWNLOAD_TOO_LARGE)
         if length is not None and len(body) < length:     # the server hung up mid-body
@@ -198,10 +376,9 @@ class DownloadStage(Stage):
         return _Result(body=body)
 
 
-def _read_body(response: Any, limit: int, deadline: float) -> bytes | None:
-    """Up to ``limit`` bytes of the body, or None when ``deadline`` (``time.monotonic``)
-    passes first. ``read1`` returns after one socket read, so the deadline is checked
-    however slowly the bytes come (``read(n)`` would wait for all ``n``)."""
+def _read_body(response: http.client.HTTPResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the body. ``read1`` returns after one socket read, so a
+    body larger than ``limit`` is never held whole; the socket's deadline bounds the time."""
     parts, size = [], 0
     while size < limit:
         chunk = response.read1(min(1 << 16, limit - size))
@@ -209,8 +386,6 @@ def _read_body(response: Any, limit: int, deadline: float) -> bytes | None:
             break
         parts.append(chunk)
         size += len(chunk)
-        if time.monotonic() > deadline:
-            return None
     return b"".join(parts)
 
 
@@ -224,6 +399,7 @@ def _host(url: str) -> str | None:
     return host if parts.scheme.lower() in _SCHEMES and host else None
 
 
-__all__ = ["DOWNLOAD_ERROR", "DOWNLOAD_HTTP_ERROR", "DOWNLOAD_TIMEOUT", "DOWNLOAD_TOO_LARGE",
-           "REASONS", "ROBOTS_DIRECTIVES", "ROBOTS_DISALLOWED", "DownloadStage",
-           "robots_disallowed"]
+__all__ = ["DOWNLOAD_BLOCKED", "DOWNLOAD_ERROR", "DOWNLOAD_HTTP_ERROR", "DOWNLOAD_REDIRECTS",
+           "DOWNLOAD_TIMEOUT", "DOWNLOAD_TOO_LARGE", "METADATA_ADDRESSES", "REASONS",
+           "ROBOTS_DIRECTIVES", "ROBOTS_DISALLOWED", "AddressPolicy", "BlockedAddress",
+           "DownloadStage", "robots_disallowed"]
