@@ -4,7 +4,9 @@
     python jobs/make_data.py --output s3://bucket/vlmray-data --num-train 100000 --workers 8
 
 Every SyntheticConfig field is a flag (``num_train`` -> ``--num-train``). Prints the dataset
-summary (config, counts per split and noise kind) as one JSON line.
+summary (config, counts per split and noise kind) as one JSON line. The output must be new,
+empty or a built-in dataset written before (``dataset.json`` or this job's ``_job.json``): a
+folder holding anything else is refused before a file is written.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import inspect
 import json
 import typing
 
+from vlmray.config import ConfigError
 from vlmray.config.data import SyntheticConfig
+from vlmray.data.outputs import check_output, claim_output
 from vlmray.data.synthetic import write_synthetic
+
+JOB = "make_data"
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -46,14 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_output(output: str) -> None:
+    """ConfigError unless ``output`` is new, empty, or a built-in dataset written before (this
+    job writes shards over whatever has their names)."""
+    check_output(output, [], job=JOB, markers=("dataset.json",))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse flags, write the dataset, print and return its summary."""
+    """Parse flags, check the output, write the dataset, print and return its summary."""
     args = build_parser().parse_args(argv)
     names = [f.name for f in dataclasses.fields(SyntheticConfig)]
     try:
         cfg = SyntheticConfig(**{name: getattr(args, name) for name in names})
-    except ValueError as e:
+        validate_output(args.output)
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"make_data: {e}") from None
+    claim_output(args.output, JOB)
     summary = write_synthetic(cfg, args.output, workers=args.workers)
     print(json.dumps({"output": args.output, **summary}, sort_keys=True))
     return summary

@@ -83,7 +83,16 @@ def _check_rewrite(cfg: Config) -> None:
             raise ConfigError(f"data.rewrite: {e}") from None
 
 
-def _check_run_dir(run_dir: str, resume: bool) -> None:
+def _check_run_dir(run_dir: str, resume: bool, cfg: Config | None = None) -> None:
+    """Before any work: the run dir is apart from every data input, and new, empty or a run
+    (``config.json``; continuing one takes ``resume``) (:mod:`vlmray.data.outputs`)."""
+    from vlmray.config.sources import is_builtin
+    from vlmray.data.outputs import check_output
+
+    specs = [] if cfg is None else [cfg.data.source, *cfg.data.extra_sources,
+                                    cfg.data.eval_source, cfg.data.retrieval.index_dir]
+    check_output(run_dir, [s for s in specs if s and not is_builtin(s)], job="pretrain",
+                 markers=("config.json",))
     fs, p = filesystem(join(run_dir, "config.json"))
     if fs.exists(p) and not resume:
         raise ConfigError(f"{run_dir!r} already holds a run: pass --resume to continue it, "
@@ -105,7 +114,7 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     run_dir = output or f"runs/{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "://" not in run_dir:
         run_dir = str(Path(run_dir).resolve())
-    _check_run_dir(run_dir, resume)
+    _check_run_dir(run_dir, resume, cfg)
     t0 = time.perf_counter()
     write_json(join(run_dir, "config.json"), cfg.to_dict())
     train_uri, eval_uri = resolve_data(cfg, run_dir)

@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 __all__ = ["filesystem", "arrow_filesystem", "join", "to_uri", "is_remote", "ensure_parent",
-           "exists", "remove", "open_write", "write_bytes_atomic"]
+           "exists", "remove", "open_write", "publish", "write_bytes_atomic"]
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -107,6 +107,34 @@ def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def publish(staged: str, final: str) -> None:
+    """Moves the finished tree at ``staged`` to ``final``, replacing what ``final`` held.
+
+    Jobs that replace an output write the new one under a temporary prefix first and call
+    this once it is complete, so the old output is never deleted before its replacement
+    exists: locally the old tree is renamed aside, the new one renamed in (one rename on the
+    same filesystem), then the old one removed; object stores have no rename, so the old
+    objects are deleted and the new ones copied over (server-side), then the staged ones
+    removed.
+    """
+    fs, src = filesystem(staged)
+    _, dst = filesystem(final)
+    if _is_local(fs):
+        ensure_parent(fs, dst)
+        aside = f"{dst}.old-{os.getpid()}"
+        if os.path.lexists(dst):
+            os.replace(dst, aside)
+        os.replace(src, dst)
+        if os.path.lexists(aside):
+            fs.rm(aside, recursive=True)
+        return
+    if fs.exists(dst):
+        fs.rm(dst, recursive=True)
+    for path in sorted(fs.find(src)):
+        fs.copy(path, dst + path[len(src.rstrip("/")):])
+    fs.rm(src, recursive=True)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

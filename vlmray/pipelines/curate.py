@@ -16,6 +16,7 @@ Output layout::
     <output>/_staging/rows/              pass 1: every row after the per-row stages, streamed to
                                          parquet (resume point; then removed)
     <output>/_staging/global/            the compact decisions of dedup / top fraction
+    <output>/_job.json                   claims the folder: job "curate" and its settings
 
 Two passes (:mod:`vlmray.data.curation.twopass`): pass 1 streams the per-row stages' output to
 ``_staging`` (a URL is downloaded once); the whole-dataset decisions read only the compact
@@ -23,7 +24,10 @@ columns of the staged live rows (row id, key, hashes, score); pass 2 streams the
 joins the decisions by row id, and the streamed writer turns the kept rows into shards.
 
 Resuming: re-running with the same settings reuses ``_staging`` when it is complete and skips
-shards already written; the output is the same as an uninterrupted run's.
+shards already written; the output is the same as an uninterrupted run's. Before Ray starts,
+the output must be apart from the input (not it, not inside it, not holding it) and new, empty
+or this curation's own (:mod:`vlmray.data.outputs`): a folder of stray shards or another
+job's files is refused rather than counted, overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from vlmray.data.curation.twopass import (
     stage_once,
 )
 from vlmray.data.placement import apply_budget, remote_args
+from vlmray.data.outputs import check_output, claim_output
 from vlmray.data.storage import exists, filesystem, join, open_write, remove
 from vlmray.data.synthetic import ensure_synthetic
 from vlmray.embedders import scorer_for
@@ -61,6 +66,7 @@ from vlmray.runtime import init_ray
 REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
                   schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
 EXIT_AFTER_STAGING = "VLMRAY_TEST_EXIT_AFTER_STAGING"   # test hook: die once staging is written
+JOB = "curate"
 
 
 @dataclass
@@ -177,14 +183,16 @@ def _check_output(job: CurateJobConfig, layout: Layout) -> dict[str, Any] | None
                           "choose another --output")
     if exists(layout.stats):
         return _read_json(layout.stats)
-    _write_json(layout.job, {"fingerprint": fp, "config": asdict(job)})
+    claim_output(job.output, JOB, fingerprint=fp, config=asdict(job))
     return None
 
 
 def validate_job(job: CurateJobConfig) -> None:
-    """Fails before any work: no output, a missing input, a scoring model that won't load."""
+    """Fails before any work: no output, an output over the input or holding other files, a
+    missing input, a scoring model that won't load."""
     if not job.output:
         raise ConfigError("--output is required (a local path or s3:// URI)")
+    check_output(job.output, [] if job.input == "builtin" else [job.input], job=JOB)
     if job.input != "builtin":
         list_inputs(job.input, job.read)
     row_stages(job.curation(), download=job.download,   # builds every stage's settings

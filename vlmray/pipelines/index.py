@@ -16,6 +16,11 @@ Output layout::
     <output>/rejects/rejects.parquet     key, reject_stage, reject_reason (e.g. decode_error)
     <output>/index/image/, index/text/   index.faiss, keys.parquet, report.json (BuiltIndex)
     <output>/stats.json                  rows in/embedded/rejected/outside subset, per index
+    <output>/_job.json                   claims the folder for index jobs (a re-run replaces)
+
+The output must be apart from the input and new, empty or an earlier index job's
+(:mod:`vlmray.data.outputs`), checked before Ray starts; a re-run's embeddings are written
+under ``_incoming/`` and replace the old ones only once complete.
 
 Every input row is embedded, rejected with a reason, or outside the chosen subset; the run
 checks rows_in == rows_embedded + rows_rejected + rows_outside_subset.
@@ -39,7 +44,8 @@ from vlmray.config.jobs import IndexJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import list_inputs, read_inputs
 from vlmray.data.curation.stage import apply_stage
-from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
+from vlmray.data.outputs import check_output, claim_output
+from vlmray.data.storage import filesystem, join, publish, remove, write_bytes_atomic
 from vlmray.retrieval.build import build_sharded
 from vlmray.retrieval.embed import (
     EMBED_COLUMNS,
@@ -53,6 +59,8 @@ from vlmray.retrieval.split import OUTSIDE_SUBSET, SubsetStage
 from vlmray.runtime import init_ray
 
 MODALITIES = {"image": schema.IMAGE_EMBED, "text": schema.TEXT_EMBED}   # index -> its column
+JOB = "index"
+INCOMING = "_incoming"
 
 
 def input_uri(job: IndexJobConfig) -> str:
@@ -71,9 +79,11 @@ def input_uri(job: IndexJobConfig) -> str:
 
 
 def validate_job(job: IndexJobConfig) -> EmbedStage:
-    """Fails before any work: no output, no model, a model that won't load, missing input."""
+    """Fails before any work: no output, an output over the input or holding other files, no
+    model, a model that won't load, missing input."""
     if not job.output:
         raise ConfigError("--output is required (a local path or s3:// URI)")
+    check_output(job.output, [] if job.input == "builtin" else [job.input], job=JOB)
     if not job.embed.model:
         raise ConfigError("--embed.model is required: a vlmray run or checkpoint directory "
                           "(local or s3://), hf:<dir> or minilm (text only)")
@@ -121,36 +131,48 @@ def _write_rejects(output: str, rejects: pa.Table) -> None:
     write_bytes_atomic(join(output, "rejects", "rejects.parquet"), buf.getvalue())
 
 
-def run(job: IndexJobConfig) -> dict[str, Any]:
-    """Embeds and indexes; returns (and writes) the stats. Fails loudly if rows go missing."""
-    stage, t0 = validate_job(job), time.perf_counter()
-    uri = input_uri(job)
-    init_ray()
+def _embed(job: IndexJobConfig, stage: EmbedStage, uri: str) -> dict[str, Any]:
+    """read -> [subset] -> embed -> ``<output>/embeddings``, written under ``_incoming/`` and
+    published only once every row is accounted for (a failed run keeps the old ones);
+    returns the counts for stats.json."""
     ds = read_inputs(uri, job.read)
     if job.subset != "all":
         ds = apply_stage(ds, SubsetStage(job.subset, job.reference_fraction, job.split_seed))
     ds = apply_stage(ds, stage)
-    emb = join(job.output, "embeddings")
-    remove(emb)
-    written = write_embeddings(ds, emb, columns=EMBED_COLUMNS[job.embed.modality])
+    incoming = join(job.output, INCOMING)
+    remove(incoming)                             # a failed run's partial output, never read
+    staged = join(incoming, "embeddings")
+    written = write_embeddings(ds, staged, columns=EMBED_COLUMNS[job.embed.modality])
     why = np.asarray(written.rejects.column(schema.REJECT_REASON).to_pylist(), dtype=object)
     reasons = Counter(why.tolist())
     outside = reasons.pop(OUTSIDE_SUBSET, 0)
     rejected = written.rejects.filter(why != OUTSIDE_SUBSET)
-    _write_rejects(job.output, rejected)
-    on_disk = _rows_on_disk(emb) if written.rows_written else 0
+    on_disk = _rows_on_disk(staged) if written.rows_written else 0
     if written.rows_in != on_disk + rejected.num_rows + outside or on_disk != written.rows_written:
         raise RuntimeError(f"rows_in {written.rows_in} != embedded {on_disk} + rejected "
                            f"{rejected.num_rows} + outside subset {outside}")
     if not on_disk:
         raise RuntimeError(f"no rows to index: {written.rows_in} in, rejected: {dict(reasons)}, "
                            f"outside subset: {outside}")
+    publish(staged, join(job.output, "embeddings"))
+    remove(incoming)
+    _write_rejects(job.output, rejected)
+    return {"rows_in": written.rows_in, "rows_embedded": on_disk,
+            "rows_rejected": rejected.num_rows, "reject_reasons": dict(reasons),
+            "rows_outside_subset": outside, "subset": job.subset,
+            "embedding_files": len(written.files)}
+
+
+def run(job: IndexJobConfig) -> dict[str, Any]:
+    """Embeds and indexes; returns (and writes) the stats. Fails loudly if rows go missing."""
+    stage, t0 = validate_job(job), time.perf_counter()
+    claim_output(job.output, JOB)
+    uri = input_uri(job)
+    init_ray()
+    counts = _embed(job, stage, uri)
     t_embed = time.perf_counter()
     indexes = {m: _build(job, m) for m in job.modalities}
-    stats = {"input": uri, "output": job.output, "rows_in": written.rows_in,
-             "rows_embedded": on_disk, "rows_rejected": rejected.num_rows,
-             "reject_reasons": dict(reasons), "rows_outside_subset": outside,
-             "subset": job.subset, "embedding_files": len(written.files), "indexes": indexes,
+    stats = {"input": uri, "output": job.output, **counts, "indexes": indexes,
              "embed_s": round(t_embed - t0, 2), "wall_s": round(time.perf_counter() - t0, 2),
              "config": asdict(job)}
     write_bytes_atomic(join(job.output, "stats.json"), json.dumps(stats, indent=2).encode())

@@ -198,11 +198,13 @@ def _build(cfg: Config, train_uri: str, embedder: str, out: str) -> dict[str, An
     index into ``out``; an ``out`` holding a finished build (``stats.json``) is reused."""
     import json
 
-    from vlmray.pipelines.index import run as run_index_job
+    from vlmray.data.outputs import claim_output
+    from vlmray.pipelines.index import JOB, run as run_index_job
 
     fs, path = filesystem(join(out, "stats.json"))
     if fs.exists(path):
         return json.loads(fs.cat_file(path))
+    claim_output(out, JOB)        # <run>/retrieval is the index job's, beside bootstrap/'s run
     r = cfg.data.retrieval
 
     modality = "both" if r.attach == "references" else "text"

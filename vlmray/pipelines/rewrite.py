@@ -23,6 +23,14 @@ Output layout (train from it with ``--data.source <output>``)::
     <output>/eval/                      the input's held-out split, copied (built-in: always)
     <output>/raw/                       the generated built-in data (input "builtin" only)
     <output>/stats.json                 rows in/out, fallbacks by reason, tokens, throughput
+    <output>/_job.json                  claims the folder for rewrite jobs (a re-run replaces)
+    <output>/_incoming/                 the new shards/ and eval/ while they are written
+
+The output must be apart from the input (not it, not inside it, not holding it) and new, empty
+or an earlier rewrite's (:mod:`vlmray.data.outputs`), checked before Ray starts. A re-run
+replaces ``shards/`` and ``eval/`` only once their replacements are complete in
+``_incoming/`` (:func:`~vlmray.data.storage.publish`): a failed run leaves the old output as
+it was.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ from vlmray.config.jobs import RewriteJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.curation.readers import list_inputs, read_inputs
-from vlmray.data.storage import filesystem, join, remove, write_bytes_atomic
+from vlmray.data.outputs import check_output, claim_output
+from vlmray.data.storage import filesystem, join, publish, remove, write_bytes_atomic
 from vlmray.data.stream import FALLBACK_COLUMNS, StreamTally, count_fallbacks
 from vlmray.data.synthetic import ensure_synthetic
 from vlmray.rewrite.stage import (
@@ -55,6 +64,8 @@ from vlmray.rewrite.stage import (
 from vlmray.runtime import init_ray
 
 N_EXAMPLES = 5
+JOB = "rewrite"
+INCOMING = "_incoming"
 
 
 def input_root(job: RewriteJobConfig) -> str:
@@ -76,24 +87,24 @@ def input_uri(job: RewriteJobConfig) -> str:
     return root
 
 
-def copy_eval(job: RewriteJobConfig) -> str:
-    """Copies ``<root>/eval`` (the held-out split) to ``<output>/eval``; "" when none."""
+def copy_eval(job: RewriteJobConfig, dst: str) -> bool:
+    """Copies ``<root>/eval`` (the held-out split) to ``dst``; False when there is none."""
     src = join(input_root(job), "eval")
     fs, path = filesystem(src)
     if any(c in src for c in "*?[") or not fs.isdir(path):
-        return ""
-    dst = join(job.output, "eval")
-    remove(dst)
+        return False
     for f in sorted(fs.find(path)):
         with fs.open(f, "rb") as fh:
             write_bytes_atomic(join(dst, f[len(path.rstrip("/")) + 1:]), fh.read())
-    return dst
+    return True
 
 
 def validate_job(job: RewriteJobConfig) -> None:
-    """Fails before Ray starts: no output, nothing to do, a bad backend / model / input."""
+    """Fails before Ray starts: no output, an output over the input or holding other files,
+    nothing to do, a bad backend / model / input."""
     if not job.output:
         raise ConfigError("--output is required (a local path or s3:// URI)")
+    check_output(job.output, [] if job.input == "builtin" else [job.input], job=JOB)
     if not job.rewrite.enabled:
         raise ConfigError("nothing to do: set --rewrite.k > 0 and/or --rewrite.captioner "
                           "(oracle, transformers, vllm)")
@@ -159,15 +170,15 @@ class Totals:
         return [{c: v for c, v in r.items() if c != schema.ROW_ID} for r in self.examples]
 
 
-def _write(job: RewriteJobConfig, uri: str) -> tuple[dict[str, Any], Totals, int]:
-    """read -> rewrite_plan -> shards, streamed: (writer's counts, totals, rows read)."""
+def _write(job: RewriteJobConfig, uri: str,
+           shards_uri: str) -> tuple[dict[str, Any], Totals, int]:
+    """read -> rewrite_plan -> shards at ``shards_uri``, streamed: (writer's counts, totals,
+    rows read)."""
     import ray
 
     tally = ray.remote(StreamTally).options(num_cpus=0).remote()
     rows = read_inputs(uri, job.read).map_batches(_read_rows, fn_kwargs={"tally": tally},
                                                   batch_format="numpy", batch_size=None)
-    shards_uri = join(job.output, "shards")
-    remove(shards_uri)
     totals = Totals()
     out = write_shards_streamed(rewrite_plan(rows, job.rewrite), shards_uri, job.write, "jpg",
                                 summarize=batch_summary, on_summary=totals.add)
@@ -178,18 +189,25 @@ def _write(job: RewriteJobConfig, uri: str) -> tuple[dict[str, Any], Totals, int
 
 def run(job: RewriteJobConfig) -> dict[str, Any]:
     """Rewrites every row; writes shards, ``eval/`` and stats.json; fails loudly if
-    rows_in != rows_out."""
+    rows_in != rows_out, leaving any earlier output untouched."""
     validate_job(job)
     t0 = time.perf_counter()
+    claim_output(job.output, JOB)
+    incoming = join(job.output, INCOMING)
+    remove(incoming)                             # a failed run's partial output, never read
     uri = input_uri(job)
-    eval_uri = copy_eval(job)
+    has_eval = copy_eval(job, join(incoming, "eval"))
     init_ray()
-    out, totals, rows_in = _write(job, uri)
+    out, totals, rows_in = _write(job, uri, join(incoming, "shards"))
     if not rows_in == out["rows"] == out["rows_out"] == out["rows_written"] \
             == out["distinct_row_ids"]:
         raise RuntimeError(f"rows_in {rows_in} != rows_out {out['rows_written']} (after "
                            f"rewriting: {out['rows']}, kept: {out['rows_out']}, distinct row "
                            f"ids: {out['distinct_row_ids']})")
+    for part in ("shards", "eval") if has_eval else ("shards",):
+        publish(join(incoming, part), join(job.output, part))
+    remove(incoming)
+    eval_uri = join(job.output, "eval") if has_eval else ""
     cfg, rewrite_s = job.rewrite, out["stream_s"]
     tokens = {"rewrites": totals.tokens["rewrites"], "captions": totals.tokens["captions"]}
     generated = rows_in * cfg.k + (rows_in if cfg.captioner != "none" else 0)
