@@ -1,5 +1,5 @@
-"""The KubeRay manifests in k8s/: rendered like ``kubectl apply -k`` would, validated against
-KubeRay's own CRD schemas, and checked for what a schema cannot see.
+"""The KubeRay manifests in k8s/: rendered by ``kubectl kustomize`` (what ``kubectl apply -k``
+applies), validated against KubeRay's own CRD schemas, and checked for what a schema cannot see.
 
 - every RayCluster/RayJob of the base and of each overlay validates against the v1
   ``openAPIV3Schema`` of the CRDs in ``shared/kuberay-crds/`` (beside the repository), made
@@ -7,6 +7,9 @@ KubeRay's own CRD schemas, and checked for what a schema cannot see.
 - the RayJob's entrypoint names a script in this repository and only flags its parser accepts;
 - resources, GPUs, secrets by reference only, non-root pods, no external exposure, the job's
   lifecycle, /dev/shm, autoscaling bounds, storage of the run directory, the Dockerfile;
+- access: Ray's token authentication with the token from a Secret (head, workers, submitter),
+  a NetworkPolicy that lets only the Ray pods, the submitter and the operator in (evaluated for
+  probe callers: who reaches which port), S3 credentials only in the pods that use S3;
 - each check is shown to fail on a deliberately broken copy, so a green run means something.
 
     python -m pytest tests/k8s -q
@@ -38,9 +41,12 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu-multinode"]
 GPU_TARGETS = ["base", "overlays/gpu-multinode"]
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-ALLOWED_KINDS = {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim"}
+ALLOWED_KINDS = {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy"}
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 GPU = "nvidia.com/gpu"
+TOKEN_SECRET, TOKEN_KEY = "vlmray-ray-token", "auth_token"  # KubeRay's key for authOptions
+S3_SECRET = "vlmray-s3"
+DASHBOARD_PORT = 8265
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -48,11 +54,17 @@ GPU = "nvidia.com/gpu"
 
 @functools.cache
 def _rendered(target: str) -> tuple[dict[str, Any], ...]:
-    return tuple(build(K8S / target))
+    command = _kustomize_command()
+    if command is None:  # no kubectl/kustomize here: the Python renderer, checked against them
+        return tuple(build(K8S / target))
+    out = subprocess.run([*command, str(K8S / target)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, f"{' '.join(command)} k8s/{target} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
 def render(target: str) -> list[dict[str, Any]]:
-    """The documents ``kustomize build k8s/<target>`` gives (a fresh copy each call)."""
+    """The documents ``kubectl kustomize k8s/<target>`` gives (a fresh copy each call)."""
     return copy.deepcopy(list(_rendered(target)))
 
 
@@ -151,8 +163,22 @@ def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]
             options = cluster_spec(doc).get("autoscalerOptions", {})
             head_pod = cluster_spec(doc)["headGroupSpec"]["template"]["spec"]
             sidecar = {"name": "autoscaler", "resources": options.get("resources", {}),
-                       "securityContext": options.get("securityContext", {})}
+                       "securityContext": options.get("securityContext", {}),
+                       "env": options.get("env", []), "envFrom": options.get("envFrom", [])}
             yield f"{doc['kind']}/{doc['metadata']['name']} autoscaler", sidecar, head_pod
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, role, pod template) with role ``"ray"`` for a head or worker pod of a RayCluster
+    or a RayJob's cluster, ``"submitter"`` for the RayJob's submitter pod."""
+    for doc in docs:
+        if doc["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        for group_name, group in groups(doc):
+            yield f"{name} {group_name}", "ray", group["template"]
+        if doc["kind"] == "RayJob":
+            yield f"{name} submitter", "submitter", doc["spec"]["submitterPodTemplate"]
 
 
 def walk(node: Any) -> Iterator[tuple[Any, Any]]:
@@ -304,6 +330,179 @@ def shm_problems(docs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# --- access: Ray's token, the NetworkPolicy, S3 credentials ---------------------------------
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def auth_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Ray's token authentication is on for every pod: ``authOptions`` names the token Secret
+    (the operator then gives the token to the autoscaler and its own init containers, and uses
+    it for the job API), and each Ray container and the submitter take RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN from that Secret (required, so a missing Secret stops the pod)."""
+    out = []
+    for doc in docs:
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            options = cluster_spec(doc).get("authOptions", {})
+            if (options.get("mode"), options.get("secretName")) != ("token", TOKEN_SECRET):
+                out.append(f"{doc['kind']}: authOptions is not {{mode: token, secretName: "
+                           f"{TOKEN_SECRET}}}: {options}")
+    for where, _, template in pod_templates(docs):
+        env = _env(template["spec"]["containers"][0])
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            out.append(f"{where}: RAY_AUTH_MODE is not token")
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if (ref.get("name"), ref.get("key")) != (TOKEN_SECRET, TOKEN_KEY) or ref.get("optional"):
+            out.append(f"{where}: RAY_AUTH_TOKEN is not the required key {TOKEN_KEY} of the "
+                       f"Secret {TOKEN_SECRET}")
+    for where, c, _ in containers(docs):
+        names = [e["name"] for e in c.get("env", [])]
+        if len(names) != len(set(names)):
+            out.append(f"{where}: an env variable is set twice (the last one wins)")
+        mode = _env(c).get("RAY_AUTH_MODE")
+        if mode is not None and mode.get("value") != "token":
+            out.append(f"{where}: RAY_AUTH_MODE={mode.get('value')!r}")
+    return out
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _port_admitted(rule: dict[str, Any], port: int, container: dict[str, Any]) -> bool:
+    if not rule.get("ports"):
+        return True
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    for entry in rule["ports"]:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        want = entry.get("port")
+        want = named.get(want, -1) if isinstance(want, str) else want
+        if want is None or want <= port <= entry.get("endPort", want):
+            return True
+    return False
+
+
+def _peer_admitted(rule: dict[str, Any], policy_ns: str, caller: dict[str, Any]) -> bool:
+    peers = rule.get("from")
+    if not peers:
+        return True  # no `from`: every source
+    for peer in peers:
+        if "ipBlock" in peer:
+            return True  # admits addresses, whatever the pod: counted as open to everyone
+        if caller["labels"] is None:
+            continue     # a caller outside the cluster matches no pod or namespace selector
+        if "namespaceSelector" in peer:
+            ns_ok = _selects(peer["namespaceSelector"],
+                             {"kubernetes.io/metadata.name": caller["namespace"]})
+        else:
+            ns_ok = caller["namespace"] == policy_ns
+        if ns_ok and _selects(peer.get("podSelector", {}), caller["labels"]):
+            return True
+    return False
+
+
+def admitted_ports(docs: list[dict[str, Any]], namespace: str, template: dict[str, Any],
+                   caller: dict[str, Any], ports: tuple[int, ...]) -> set[int]:
+    """The ``ports`` of a pod made from ``template`` in ``namespace`` that ``caller``
+    ({"namespace", "labels"}; labels None: outside the cluster) may connect to under the
+    NetworkPolicies in ``docs`` (Kubernetes semantics: a pod no Ingress policy selects admits
+    everything; otherwise the union of the selecting policies' rules)."""
+    labels = template.get("metadata", {}).get("labels", {})
+    container = template["spec"]["containers"][0]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                and d["metadata"].get("namespace", "default") == namespace
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+                and _selects(d["spec"].get("podSelector", {}), labels)]
+    if not policies:
+        return set(ports)
+    return {port for port in ports for policy in policies
+            for rule in policy["spec"].get("ingress", [])
+            if _port_admitted(rule, port, container) and _peer_admitted(rule, namespace, caller)}
+
+
+RAY_PORTS = (6379, DASHBOARD_PORT, 10001, 8080, 52365, 20000)  # GCS, job API, client, metrics,
+# dashboard agent, a worker's port
+
+
+def network_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Every Ray pod admits the other Ray pods of its namespace on every port, the RayJob's
+    submitter and the KubeRay operator on the dashboard port only, and nobody else: no other
+    pod of the namespace, no pod of another namespace (even one labelled like ours), nothing
+    outside the cluster."""
+    templates = list(pod_templates(docs))
+    (submitter,) = [t for _, role, t in templates if role == "submitter"]
+    sub_labels = submitter.get("metadata", {}).get("labels", {})
+    out = []
+    for where, role, template in templates:
+        if role != "ray":
+            continue
+        ns = next(d["metadata"].get("namespace", "default") for d in docs
+                  if where.startswith(f"{d['kind']}/{d['metadata']['name']} "))
+        ray_labels = template.get("metadata", {}).get("labels", {})
+        expected = [
+            ("a Ray pod of this namespace", {"namespace": ns, "labels": ray_labels}, RAY_PORTS),
+            ("the RayJob's submitter", {"namespace": ns, "labels": sub_labels}, (DASHBOARD_PORT,)),
+            ("the KubeRay operator", {"namespace": "kuberay-system", "labels": {
+                "app.kubernetes.io/name": "kuberay-operator",
+                "app.kubernetes.io/component": "kuberay-operator"}}, (DASHBOARD_PORT,)),
+            ("another pod of this namespace", {"namespace": ns, "labels": {"app": "notebook"}}, ()),
+            ("a pod of another namespace labelled like a Ray pod",
+             {"namespace": "intruder", "labels": ray_labels}, ()),
+            ("a pod of another namespace labelled like the submitter",
+             {"namespace": "intruder", "labels": sub_labels}, ()),
+            ("an address outside the cluster", {"namespace": None, "labels": None}, ()),
+        ]
+        for who, caller, want in expected:
+            got = admitted_ports(docs, ns, template, caller, RAY_PORTS)
+            if got != set(want):
+                out.append(f"{where}: {who} reaches ports {sorted(got)}, expected {sorted(want)}")
+    return out
+
+
+def _uses_s3(docs: list[dict[str, Any]]) -> bool:
+    """Whether the target's run reads or writes s3:// (its RayJob's --data.source, --output)."""
+    args = build_parser_args(one(docs, "RayJob")["spec"]["entrypoint"])
+    return any(str(v).startswith("s3://") for v in (args.output, getattr(args, "data.source")))
+
+
+def s3_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """The S3 credentials (Secret vlmray-s3) go only where they are used: through ``envFrom``
+    into the Ray container of each head and worker pod (driver, Ray Train workers, Ray Data
+    tasks) when the run uses S3; never into the submitter, the autoscaler, a volume, or an
+    ``env`` entry (KubeRay copies ``env`` into its wait-gcs-ready init container)."""
+    uses_s3 = _uses_s3(docs)
+    ray_containers = {id(t["spec"]["containers"][0]) for _, role, t in pod_templates(docs)
+                      if role == "ray"}
+    out = []
+    for where, c, _ in containers(docs):
+        in_env = [e["name"] for e in c.get("env", [])
+                  if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == S3_SECRET]
+        in_env_from = any(src.get("secretRef", {}).get("name") == S3_SECRET
+                          for src in c.get("envFrom", []))
+        if in_env:
+            out.append(f"{where}: S3 credentials in env {in_env} (use envFrom)")
+        if in_env_from and not (uses_s3 and id(c) in ray_containers):
+            out.append(f"{where}: has the S3 credentials and does not use S3")
+        if uses_s3 and id(c) in ray_containers and not in_env_from:
+            out.append(f"{where}: a Ray container of a run on S3 without the S3 credentials")
+    out += [f"Secret {S3_SECRET} mounted as a volume" for key, value in walk(docs)
+            if key == "secret" and isinstance(value, dict) and value.get("secretName") == S3_SECRET]
+    return out
+
+
 # --- rendering and the schema ---------------------------------------------------------------
 
 
@@ -317,7 +516,7 @@ def test_crds_are_beside_the_repository() -> None:
 def test_renders_the_expected_objects(target: str) -> None:
     docs = render(target)
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["ConfigMap", "RayCluster", "RayJob"]
+    expected = ["ConfigMap", "NetworkPolicy", "RayCluster", "RayJob"]
     if target == "overlays/dev-cpu":
         expected = sorted(expected + ["PersistentVolumeClaim"])
     assert kinds == expected
@@ -334,7 +533,7 @@ def test_renders_the_expected_objects(target: str) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_renderer_matches_kustomize(target: str) -> None:
-    """The Python renderer agrees with the real kustomize, where one is installed."""
+    """The Python renderer (the fallback where kubectl is missing) agrees with kustomize."""
     command = _kustomize_command()
     if command is None:
         pytest.skip("neither kustomize nor kubectl is installed; the Python renderer stands alone")
@@ -346,7 +545,7 @@ def test_renderer_matches_kustomize(target: str) -> None:
     def key(d: dict[str, Any]) -> tuple[str, str]:
         return d["kind"], d["metadata"]["name"]
 
-    assert sorted(real, key=key) == sorted(render(target), key=key)
+    assert sorted(real, key=key) == sorted(build(K8S / target), key=key)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -463,11 +662,39 @@ def test_secrets_only_by_reference(target: str) -> None:
     docs = render(target)
     assert secret_problems(docs) == []
     refs = {v["name"] for k, v in walk(docs) if k in ("secretRef", "secretKeyRef")}
-    assert refs <= {"vlmray-s3"}
+    assert refs <= {S3_SECRET, TOKEN_SECRET}
     for where, c, _ in containers(docs):
         if c["name"].startswith("ray-") and c["name"] != "ray-job-submitter":
-            sources = {next(iter(s)): s[next(iter(s))]["name"] for s in c.get("envFrom", [])}
-            assert sources == {"configMapRef": "vlmray-s3-config", "secretRef": "vlmray-s3"}, where
+            configs = [src["configMapRef"]["name"] for src in c.get("envFrom", [])
+                       if "configMapRef" in src]
+            assert configs == ["vlmray-s3-config"], where
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_requires_its_token(target: str) -> None:
+    assert auth_problems(render(target)) == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_ray_pods_the_submitter_and_the_operator_reach_ray_pods(target: str) -> None:
+    docs = render(target)
+    assert network_problems(docs) == []
+    namespaces = [d["metadata"].get("namespace") for d in docs if d["kind"] == "NetworkPolicy"]
+    assert namespaces == [one(docs, "RayCluster")["metadata"].get("namespace")]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_s3_credentials_only_in_the_pods_that_use_s3(target: str) -> None:
+    docs = render(target)
+    assert _uses_s3(docs) == (target != "overlays/dev-cpu")
+    assert s3_problems(docs) == []
+    holders = {where for where, c, _ in containers(docs)
+               if any(src.get("secretRef", {}).get("name") == S3_SECRET
+                      for src in c.get("envFrom", []))}
+    if target == "overlays/dev-cpu":
+        assert holders == set()
+    else:  # the Ray container of every head and worker group; no submitter, no autoscaler
+        assert holders and all(w.endswith((" ray-head", " ray-worker")) for w in holders), holders
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -512,7 +739,55 @@ BREAKAGES = {
     "disk-backed shm": (shm_problems, lambda docs: one(docs, "RayCluster")["spec"]
                         ["workerGroupSpecs"][0]["template"]["spec"]["volumes"][0]["emptyDir"]
                         .pop("medium")),
+    "no authOptions": (auth_problems, lambda docs: one(docs, "RayJob")["spec"]["rayClusterSpec"]
+                       .pop("authOptions")),
+    "auth off in a worker": (auth_problems, lambda docs: _ray_env(docs, 1)[0].update(
+        value="disabled")),
+    "token as a literal": (auth_problems, lambda docs: _ray_env(docs, 2).__setitem__(
+        1, {"name": "RAY_AUTH_TOKEN", "value": "hunter2"})),
+    "token Secret optional": (auth_problems, lambda docs: _ray_env(docs, None)[1]["valueFrom"]
+                              ["secretKeyRef"].update(optional=True)),
+    "submitter without the token": (auth_problems, lambda docs: _submitter(docs).pop("env")),
+    "auth turned off a second time": (auth_problems, lambda docs: _ray_env(docs, 0).append(
+        {"name": "RAY_AUTH_MODE", "value": "disabled"})),
+    "no NetworkPolicy": (network_problems, lambda docs: docs.remove(one(docs, "NetworkPolicy"))),
+    "policy admits every pod": (network_problems, lambda docs: _ingress(docs).append({})),
+    "Ray peers from any namespace": (network_problems, lambda docs: _ingress(docs)[0]["from"][0]
+                                     .update(namespaceSelector={})),
+    "submitter on every port": (network_problems, lambda docs: _ingress(docs)[1].pop("ports")),
+    "operator on every port": (network_problems, lambda docs: _ingress(docs)[2].pop("ports")),
+    "an ipBlock": (network_problems, lambda docs: _ingress(docs)[1]["from"].append(
+        {"ipBlock": {"cidr": "10.0.0.0/8"}})),
+    "a group the policy misses": (network_problems, lambda docs: one(docs, "RayJob")["spec"]
+                                  ["rayClusterSpec"]["workerGroupSpecs"][2]["template"]
+                                  .pop("metadata")),
+    "S3 credentials on the submitter": (s3_problems, lambda docs: _submitter(docs).setdefault(
+        "envFrom", []).append({"secretRef": {"name": S3_SECRET}})),
+    "S3 credentials on the autoscaler": (s3_problems, lambda docs: one(docs, "RayCluster")["spec"]
+                                         ["autoscalerOptions"].update(
+                                             envFrom=[{"secretRef": {"name": S3_SECRET}}])),
+    "S3 credentials in env": (s3_problems, lambda docs: _ray_env(docs, 0).append(
+        {"name": "AWS_SECRET_ACCESS_KEY",
+         "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": "secret"}}})),
+    "S3 credentials missing on a worker": (s3_problems, lambda docs: one(docs, "RayCluster")
+                                           ["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+                                           ["containers"][0]["envFrom"].pop()),
 }
+
+
+def _ray_env(docs: list[dict[str, Any]], worker: int | None) -> list[dict[str, Any]]:
+    """The env list of the RayCluster's head (``None``) or of worker group ``worker``."""
+    spec = one(docs, "RayCluster")["spec"]
+    group = spec["headGroupSpec"] if worker is None else spec["workerGroupSpecs"][worker]
+    return group["template"]["spec"]["containers"][0]["env"]
+
+
+def _submitter(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+
+
+def _ingress(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return one(docs, "NetworkPolicy")["spec"]["ingress"]
 
 
 @pytest.mark.parametrize("case", sorted(BREAKAGES))
