@@ -134,15 +134,15 @@ class DownloadConfig:
         if not self.user_agent.strip():
             raise ValueError("download.user_agent must be non-empty")
         if not isinstance(self.allow_private, bool):
-            raise ValueError(f"download.allow_private must be true or false, "
+            raise ValueError(f"download.allow_private must be true or false, "  # noqa: TRY004
                              f"got {self.allow_private!r}")
         self.allow_networks()                       # every allow_hosts entry parses
 
     def allow_networks(self) -> tuple[frozenset[str], tuple[IPNetwork, ...]]:
         """``allow_hosts`` split into lower-case host names and IP networks."""
         if not isinstance(self.allow_hosts, list):
-            raise ValueError(f"download.allow_hosts must be a list of host names, addresses "
-                             f"or networks, got {self.allow_hosts!r}")
+            raise ValueError(f"download.allow_hosts must be a list of host names, "  # noqa: TRY004
+                             f"addresses or networks, got {self.allow_hosts!r}")
         names, networks = set(), []
         for entry in self.allow_hosts:
             text = entry.strip().lower().rstrip(".") if isinstance(entry, str) else ""

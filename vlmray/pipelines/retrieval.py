@@ -199,7 +199,8 @@ def _build(cfg: Config, train_uri: str, embedder: str, out: str) -> dict[str, An
     import json
 
     from vlmray.data.outputs import claim_output
-    from vlmray.pipelines.index import JOB, run as run_index_job
+    from vlmray.pipelines.index import JOB
+    from vlmray.pipelines.index import run as run_index_job
 
     fs, path = filesystem(join(out, "stats.json"))
     if fs.exists(path):
