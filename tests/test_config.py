@@ -185,8 +185,8 @@ def test_validate_checks_literals_ranges_and_paths(tmp_path: Path) -> None:
     cfg.train.precision = "fp16"                                    # set directly, not parsed
     with pytest.raises(ConfigError, match=r"train\.precision: 'fp16' is not one of"):
         validate(cfg)
-    bad = [({"train.steps": "0"}, "must be positive"),
-           ({"train.lr": "nan"}, "must be positive"),
+    bad = [({"train.steps": "0"}, "train.steps must be an int >= 1"),
+           ({"train.lr": "nan"}, "train.lr must be a finite number in (0, 1]"),
            ({"train.batch_size": "10", "train.num_workers": "3"}, "not divisible"),
            ({"data.tokenizer": "bpe"}, "'hash', 'hf:<local directory>'"),
            ({"model.vision_weights": str(tmp_path / "none.pt")}, "is not a file"),

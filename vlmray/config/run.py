@@ -1,8 +1,13 @@
-"""The run's config tree: ``Config(data=..., model=..., objectives=[...], train=..., eval=...)``."""
+"""The run's config tree: ``Config(data=..., model=..., objectives=[...], train=..., eval=...)``.
+
+Every number of the four sections has a range (``Bound``), checked when the section is built,
+so a bad value fails with ``ConfigError`` naming the field and its range before any work.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,11 +26,91 @@ EXTRA_TEXT_CHOICES = ("texts_aug", "synthetic_caption")
 """Values of ``data.extra_texts``."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of one numeric field: an int (never a bool) or a finite number (an int
+    is a number too), at least ``lo`` (more than ``lo`` when ``lo_open``), at most ``hi``;
+    ``optional`` also admits None."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    optional: bool = False
+
+    def admits(self, value: object) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float
+                                                     else int):
+            return False
+        if not math.isfinite(value):
+            return False
+        low_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        return low_ok and (self.hi is None or value <= self.hi)
+
+    def describe(self) -> str:
+        what = "an int" if self.kind is int else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            what += f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        elif self.lo is not None:
+            what += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            what += f" <= {self.hi:g}"
+        return f"None or {what}" if self.optional else what
+
+
+def check_bounds(section: str, obj: object, bounds: dict[str, Bound]) -> None:
+    """Raises ``ConfigError`` naming ``section.field`` and its range for the first field of
+    ``obj`` that its ``Bound`` does not admit."""
+    for name, bound in bounds.items():
+        value = getattr(obj, name)
+        if not bound.admits(value):
+            raise ConfigError(f"{section}.{name} must be {bound.describe()}, got {value!r}")
+
+
+def _count(lo: int = 0, hi: int | None = None) -> Bound:
+    return Bound(int, lo, hi)
+
+
+def _positive(hi: float | None = None) -> Bound:
+    return Bound(float, 0.0, hi, lo_open=True)
+
+
+DATA_BOUNDS = {"image_size": _count(1), "min_image_side": _count(0),
+               "max_text_chars": _count(1), "context_length": _count(3),
+               "vocab_size": _count(5), "shuffle_buffer": _count(0), "regions": _count(0),
+               "max_texts_aug": _count(1)}
+"""Ranges of DataConfig's numbers (the hash tokenizer needs 4 special ids + 1 and
+BOS + a word + EOS)."""
+
+MODEL_BOUNDS = {"embed_dim": _count(1), "init_temperature": _positive(),
+                "max_logit_scale": _positive(), "init_logit_bias": Bound(float, -100.0, 100.0, optional=True),
+                "ra_layers": _count(0), "ra_heads": _count(1), "ra_ref_dim": _count(0)}
+"""Ranges of ModelConfig's numbers (a logit bias beyond +-100 outweighs any scaled cosine at
+the default ``max_logit_scale``: every pair's sigmoid saturates)."""
+
+TRAIN_BOUNDS = {"steps": _count(1), "batch_size": _count(1), "lr": _positive(1.0),
+                "weight_decay": Bound(float, 0.0), "warmup_steps": _count(0),
+                "min_lr_ratio": Bound(float, 0.0, 1.0), "grad_clip": Bound(float, 0.0),
+                "num_workers": _count(0), "cpus_per_worker": Bound(float, 0.0),
+                "torch_threads": _count(0), "log_every": _count(1),
+                "checkpoint_every": _count(0), "keep_checkpoints": _count(1),
+                "max_failures": _count(0), "max_bad_steps": _count(1),
+                "seed": _count(0, 2**32 - 1)}
+"""Ranges of TrainConfig's numbers. AdamW moves each weight by about ``lr`` a step, so an lr
+above 1 never trains; ``max_failures`` -1 would be Ray's unlimited retries."""
+
+EVAL_BOUNDS = {"every": _count(0), "max_samples": _count(1), "batch_size": _count(1)}
+"""Ranges of EvalConfig's numbers."""
+
+
 def check_extra_texts(d: DataConfig) -> None:
     """``DataConfig``'s checks of its extra texts: adds ``texts_aug`` when ``rewrite.k > 0`` and
     ``synthetic_caption`` when ``rewrite.captioner != "none"`` (the prefix makes them), then
-    raises ``ValueError`` naming the fix on unknown names, repeats, ``max_texts_aug < 1``, or
-    ``views.caption_sampling="uniform"`` without ``texts_aug``."""
+    raises ``ValueError`` naming the fix on unknown names, repeats, or
+    ``views.caption_sampling="uniform"`` without ``texts_aug`` (``max_texts_aug``'s range is
+    in ``DATA_BOUNDS``)."""
     if d.rewrite.k > 0 and "texts_aug" not in d.extra_texts:
         d.extra_texts = [*d.extra_texts, "texts_aug"]
     if d.rewrite.captioner != "none" and "synthetic_caption" not in d.extra_texts:
@@ -34,9 +119,6 @@ def check_extra_texts(d: DataConfig) -> None:
     if bad or len(set(d.extra_texts)) != len(d.extra_texts):
         raise ValueError(f"data.extra_texts={d.extra_texts!r}: each one of "
                          f"{list(EXTRA_TEXT_CHOICES)}, at most once")
-    if isinstance(d.max_texts_aug, bool) or not isinstance(d.max_texts_aug, int) \
-            or d.max_texts_aug < 1:
-        raise ValueError(f"data.max_texts_aug must be an int >= 1, got {d.max_texts_aug!r}")
     if d.views.caption_sampling == "uniform" and "texts_aug" not in d.extra_texts:
         raise ValueError("data.views.caption_sampling='uniform' draws among each row's "
                          "rewritten captions: add 'texts_aug' to data.extra_texts (rows from "
@@ -111,9 +193,8 @@ class DataConfig:
     shards). Added automatically by ``rewrite.k > 0`` / ``rewrite.captioner``."""
 
     def __post_init__(self) -> None:
+        check_bounds("data", self, DATA_BOUNDS)
         check_extra_texts(self)   # adds what data.rewrite makes; caption_sampling needs texts_aug
-        if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 0:
-            raise ConfigError(f"data.regions must be an int >= 0 (0 = off), got {self.regions!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ConfigError(f"data.sampling: {self.sampling!r} is not one of "
                               f"{list(SAMPLING_CHOICES)}")
@@ -164,6 +245,9 @@ class ModelConfig:
     """Width D_ref of the reference embeddings (the frozen embedder of the retrieval index);
     must be > 0 when ``ra_layers > 0`` (pipelines fill it in from the index)."""
 
+    def __post_init__(self) -> None:
+        check_bounds("model", self, MODEL_BOUNDS)
+
 
 @dataclass(kw_only=True)
 
@@ -204,8 +288,24 @@ class TrainConfig:
     """How many recent checkpoints Ray Train keeps."""
     max_failures: int = 0
     """Worker-group restarts Ray Train attempts (restoring from the last checkpoint)."""
+    max_bad_steps: int = 10
+    """A step whose loss or gradient is not finite on any worker is skipped (no update,
+    counted in ``skipped_steps``); this many in a row stop the run with an error."""
     seed: int = 0
     """Seeds model init and data order."""
+
+    def __post_init__(self) -> None:
+        check_bounds("train", self, TRAIN_BOUNDS)
+        if self.lr * self.weight_decay >= 1.0:
+            raise ConfigError(f"train.lr * train.weight_decay must be < 1 (AdamW scales every "
+                              f"weight by 1 - lr * weight_decay a step), got {self.lr} * "
+                              f"{self.weight_decay}")
+        bad = {k: v for k, v in self.worker_resources.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not math.isfinite(v) or v < 0}
+        if bad:
+            raise ConfigError(f"train.worker_resources: each amount must be a finite number "
+                              f">= 0, got {bad}")
 
 
 @dataclass(kw_only=True)
@@ -218,6 +318,9 @@ class EvalConfig:
     """Held-out rows used for zero-shot and retrieval."""
     batch_size: int = 256
     """Rows per forward pass during evaluation."""
+
+    def __post_init__(self) -> None:
+        check_bounds("eval", self, EVAL_BOUNDS)
 
 
 @dataclass(kw_only=True)
@@ -243,5 +346,6 @@ class Config:
         return dataclass_from_dict(cls, d)
 
 
-__all__ = ["EXTRA_TEXT_CHOICES", "SAMPLING_CHOICES", "Config", "DataConfig", "EvalConfig", "ModelConfig",
-           "TrainConfig", "check_extra_texts"]
+__all__ = ["DATA_BOUNDS", "EVAL_BOUNDS", "EXTRA_TEXT_CHOICES", "MODEL_BOUNDS", "SAMPLING_CHOICES",
+           "TRAIN_BOUNDS", "Bound", "Config", "DataConfig", "EvalConfig", "ModelConfig",
+           "TrainConfig", "check_bounds", "check_extra_texts"]
