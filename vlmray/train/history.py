@@ -3,7 +3,8 @@ and the run's attempts in ``<run_dir>/events.jsonl``.
 
 The whole file is rewritten on each log (it is small), so object stores work too; after a
 restore, entries past the restored step are dropped so no step is counted twice. Each row
-carries ``time`` (Unix seconds when it was logged).
+carries ``time`` (Unix seconds when it was logged) and, from the training loop,
+``skipped_steps``: the steps so far whose update was skipped for a non-finite loss or gradient.
 
 ``events.jsonl`` gets one row per worker-group start (``event="start"``, the step it restored
 to, and from where) and per injected fault (``event="fault"``), so a driver can count restarts
@@ -68,7 +69,14 @@ class History:
         self.run_dir, self.enabled = run_dir, enabled
         self.rows = [r for r in read_history(run_dir) if r["step"] <= resume_step] if enabled else []
 
+    def last(self, key: str, default: Any = None) -> Any:
+        """``key`` of the newest row that has it (a resumed run continues its counts), else
+        ``default``."""
+        return next((r[key] for r in reversed(self.rows) if key in r), default)
+
     def log(self, metrics: dict[str, Any]) -> None:
+        """Appends a row of ``metrics``' finite numbers: a skipped step's NaN loss is left out
+        (JSON has no NaN), and its ``skipped_steps`` says so."""
         if not self.enabled:
             return
         row = {k: v for k, v in metrics.items()

@@ -1,20 +1,28 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
-    batch -> model(batch) -> Outputs -> sum_i w_i * objective_i -> backward -> clip -> step
-          -> ray.train.report(metrics, checkpoint)
+    batch -> model(batch) -> Outputs -> sum_i w_i * objective_i -> backward -> clip
+          -> [finite on every worker?] -> step -> ray.train.report(metrics, checkpoint)
 
 The model is written for one device; ``ray.train.torch.prepare_model`` applies DDP from outside.
+
+A step whose loss or gradient norm is not finite on any worker applies no update (one
+all-reduced flag, read once per step) and is counted in ``skipped_steps``;
+``train.max_bad_steps`` of them in a row stop the run with :class:`NonFiniteError`, and a
+checkpoint is never written from weights that are not finite.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import ray.train
@@ -40,6 +48,11 @@ from vlmray.train.state import TrainState, build_state
 
 FAULT_AT_STEP_ENV = "VLMRAY_FAULT_AT_STEP"
 """Test-only: the step after which rank 0 kills its own process once (see _maybe_inject_fault)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: too many steps in a row had a non-finite loss or gradient, or
+    the weights themselves are not finite (no checkpoint is written from them)."""
 
 
 def _set_threads(cfg: Config) -> None:
@@ -124,11 +137,37 @@ def average_objective_grads(mix: nn.Module, dist: Dist) -> None:
         p.grad = g.view_as(p).to(p.dtype)
 
 
+def grad_norm(params: Iterable[nn.Parameter], clip: float) -> torch.Tensor:
+    """The global gradient norm of ``params`` (a detached 0-d tensor on their device), after
+    clipping the gradients to ``clip`` when it is > 0."""
+    params = [p for p in params if p.grad is not None]
+    if clip > 0:
+        return nn.utils.clip_grad_norm_(params, clip).detach()
+    if not params:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params]))
+
+
+def all_finite(loss: torch.Tensor, norm: torch.Tensor, dist: Dist) -> bool:
+    """Whether the step's loss and gradient norm are finite on every worker: one 0-d flag,
+    summed over the workers (a gradient all-reduced by DDP is the same everywhere, but each
+    worker's loss is its own)."""
+    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm.to(loss.device))).float()
+    # The step's one host read: applying the update or not is a Python branch around
+    # optimizer.step(), so the flag must be on the host before it (a skipped update must not
+    # touch AdamW's moments or apply weight decay, which an on-device mask of the gradient
+    # would do).
+    return dist.all_reduce_sum(bad).item() == 0
+
+
 def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist, *,
                host: bool = True) -> dict[str, Metric]:
     """One optimiser step; returns its scalar metrics: Python numbers (one host sync for all of
     them), or with ``host=False`` detached 0-d tensors still on the device (no host sync; the
-    training loop reads them with ``host_metrics`` on logging steps only)."""
+    training loop reads them with ``host_metrics`` on logging steps only). ``skipped`` (an int,
+    1 or 0) says whether the update was skipped because the loss or gradient was not finite on
+    some worker (:func:`all_finite`); the learning-rate schedule advances either way."""
     model, mix = state.model, state.mix
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if state.bf16 else nullcontext())
     batch = mix.prepare(batch)
@@ -139,17 +178,62 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor], dist: Dist, *,
     result.loss.backward()
     average_objective_grads(mix, dist)
     metrics = dict(result.metrics)
-    if state.grad_clip > 0:
-        params = itertools.chain(model.parameters(), mix.parameters())
-        metrics["grad_norm"] = nn.utils.clip_grad_norm_(params, state.grad_clip).detach()
-    state.optimizer.step()
-    state.scheduler.step()
-    metrics.update(lr=state.scheduler.get_last_lr()[0],
+    metrics["grad_norm"] = grad_norm(itertools.chain(model.parameters(), mix.parameters()),
+                                     state.grad_clip)
+    finite = all_finite(result.loss, metrics["grad_norm"], dist)
+    if finite:
+        state.optimizer.step()
+        state.scheduler.step()
+    else:
+        with warnings.catch_warnings():  # torch warns of a scheduler step with no optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            state.scheduler.step()
+    metrics.update(lr=state.scheduler.get_last_lr()[0], skipped=int(not finite),
                    logit_scale=state.core.logit_scale.detach())  # a new tensor (exp of the log)
     return host_metrics(metrics) if host else metrics
 
 
+@dataclass
+class BadSteps:
+    """Counts skipped steps (``train_step``'s ``skipped``): ``skipped`` in all, ``streak`` in a
+    row. Every worker counts the same (the flag is all-reduced), so all raise together."""
+
+    limit: int
+    skipped: int = 0
+    streak: int = 0
+
+    def count(self, skipped: bool, step: int, *, verbose: bool) -> None:
+        """Counts step ``step``; raises :class:`NonFiniteError` at ``limit`` in a row."""
+        if not skipped:
+            self.streak = 0
+            return
+        self.skipped, self.streak = self.skipped + 1, self.streak + 1
+        if verbose:
+            print(f"[vlmray] step {step}: non-finite loss or gradient, update skipped "
+                  f"({self.streak} in a row, {self.skipped} in all)", flush=True)
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"{self.streak} steps in a row (up to step {step}) had a non-finite loss or "
+                f"gradient on some worker, and their updates were skipped "
+                f"(train.max_bad_steps={self.limit}): the run diverged. Lower train.lr, "
+                f"lengthen train.warmup_steps or set train.grad_clip, and resume from the "
+                f"last checkpoint")
+
+
+def check_finite_weights(state: TrainState, step: int) -> None:
+    """Raises :class:`NonFiniteError` when a weight or buffer of the model or the objectives
+    is not finite, so no checkpoint is ever written from them (one host read)."""
+    tensors = [t for t in itertools.chain(state.core.state_dict().values(),
+                                          state.mix.state_dict().values())
+               if t.is_floating_point()]
+    if not tensors or torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
+        return
+    raise NonFiniteError(f"step {step}: the weights are not finite; no checkpoint is written "
+                         f"from them (the last good checkpoint stays the latest)")
+
+
 def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dist: Dist) -> None:
+    check_finite_weights(state, state.progress.step)   # every worker: they stop together
     if not dist.is_main:
         ray.train.report(metrics)
         return
@@ -235,18 +319,34 @@ def train_fn_per_worker(config: dict) -> None:
     sizes = config.get("source_sizes")
     shards = [ray.train.get_dataset_shard(dataset_name(k)) for k in range(len(sizes or [0]))]
     streams = Streams(cfg, local_bs, state.progress, shards, sizes)
+    run_steps(state, streams, config, evaluator, history, dist)
+
+
+def run_steps(state: TrainState, streams: Streams, config: dict, evaluator: Any,
+              history: History, dist: Dist) -> None:
+    """Trains from ``state.progress.step`` to ``train.steps``: fetch, step, count a skipped
+    update (:class:`BadSteps`, which raises after ``train.max_bad_steps`` in a row, logging
+    that step first), then log / evaluate / checkpoint / report when due (``_log_step``)."""
+    cfg, p = state.cfg, state.progress
     window = {"t_last": time.perf_counter(), "wait": 0.0, "steps": 0}
+    bad = BadSteps(cfg.train.max_bad_steps, skipped=history.last("skipped_steps", 0))
     while True:
         t_fetch = time.perf_counter()
-        k, batch = streams.next(state.progress.step)
+        k, batch = streams.next(p.step)
         window["wait"] += time.perf_counter() - t_fetch
         metrics = train_step(state, batch, dist, host=False)  # device tensors: no host sync
-        p = state.progress
         streams.trained(k, p)
         p.step, p.samples_seen = p.step + 1, p.samples_seen + cfg.train.batch_size
         if streams.sizes is not None:
             metrics["source_index"] = k
         window["steps"] += 1
+        try:
+            bad.count(bool(metrics.pop("skipped")), p.step, verbose=dist.is_main)
+        except NonFiniteError:
+            history.log({**host_metrics(metrics), "step": p.step, "epoch": p.epoch,
+                         "samples_seen": p.samples_seen, "skipped_steps": bad.skipped})
+            raise
+        metrics["skipped_steps"] = bad.skipped
         done = p.step >= cfg.train.steps
         _log_step(state, metrics, window, config, evaluator, history, dist, done=done)
         if done:
@@ -267,7 +367,7 @@ def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, eval
     metrics.update(step=p.step, epoch=p.epoch, samples_seen=p.samples_seen,
                    samples_per_s=window["steps"] * cfg.train.batch_size / elapsed,
                    data_wait_frac=window["wait"] / elapsed,
-                   temperature=1.0 / metrics["logit_scale"])
+                   temperature=1.0 / metrics["logit_scale"] if metrics["logit_scale"] else math.inf)
     if evaluator is not None and eval_due:
         metrics.update(evaluator(state.core))
     history.log(metrics)
@@ -279,4 +379,6 @@ def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, eval
     window.update(t_last=time.perf_counter(), wait=0.0, steps=0)
 
 
-__all__ = ["FAULT_AT_STEP_ENV", "Streams", "dataset_name", "train_fn_per_worker", "train_step"]
+__all__ = ["FAULT_AT_STEP_ENV", "BadSteps", "NonFiniteError", "Streams", "all_finite",
+           "check_finite_weights", "dataset_name", "grad_norm", "run_steps",
+           "train_fn_per_worker", "train_step"]

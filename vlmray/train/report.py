@@ -1,4 +1,7 @@
-"""The run's summary: ``metrics.json`` and a PNG of the loss and evaluation curves."""
+"""The run's summary: ``metrics.json`` and a PNG of the loss and evaluation curves.
+
+A run that failed writes ``metrics.json`` too (``vlmray.api``): ``failed: true`` and ``error``
+beside what its history holds."""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    losses = [r for r in rows if "loss" in r]   # a skipped step's non-finite loss is not logged
+    ax_loss.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="train loss")
     ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.legend()
     evals = [r for r in rows if "zero_shot_top1" in r]
     for key in ("zero_shot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"):
