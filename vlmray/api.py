@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmray.config import Config, ConfigError
-from vlmray.data.storage import filesystem, join
+from vlmray.data.storage import filesystem, is_remote, join
 from vlmray.runtime import init_ray
-from vlmray.validate import validate
+from vlmray.validate import check_resume, validate
 
 
 @dataclass
@@ -99,57 +101,86 @@ def _check_run_dir(run_dir: str, resume: bool, cfg: Config | None = None) -> Non
                           "or choose another --output")
 
 
-def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
-    """Validates ``cfg`` (before any Ray work), then curates, trains and evaluates."""
-    from vlmray.data.placement import apply_budget
-    from vlmray.data.stream import stream_summary
-    from vlmray.pipelines.feed import run_ingest, stream_ingest
-    from vlmray.train.checkpoint import find_latest
-    from vlmray.train.history import read_events, read_history
-    from vlmray.train.report import dedup_by_step, write_json, write_summary
-    from vlmray.train.trainer import build_trainer
+def _check_resume(run_dir: str, cfg: Config, resume: bool) -> None:
+    """Before any work: a ``--resume`` whose config the run's checkpoint cannot load into fails,
+    listing the changes (:func:`vlmray.validate.check_resume`), and the stored ``config.json``
+    stays as it was."""
+    fs, p = filesystem(join(run_dir, "config.json"))
+    if resume and fs.exists(p):
+        check_resume(json.loads(fs.cat_file(p)), cfg, run_dir)
 
+
+def _check_local_sources(cfg: Config) -> None:
+    """Before any work: every local training source has input files (its ``train/`` or
+    ``shards/`` folder, a folder of shards, a file or a glob) and a local
+    ``data.eval_source`` exists. Remote sources are listed when ingest plans them."""
+    from vlmray.config.sources import is_builtin
+    from vlmray.data.curation.readers import list_inputs
+
+    named = [("data.source", cfg.data.source),
+             *(("data.extra_sources", spec) for spec in cfg.data.extra_sources)]
+    for name, spec in named:
+        if is_builtin(spec) or is_remote(spec):
+            continue
+        try:
+            list_inputs(_resolve_source(cfg, spec, "")[0])
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{name}={spec!r}: {e}") from None
+    held_out = cfg.data.eval_source
+    if held_out and not is_remote(held_out) and not Path(held_out).exists():
+        raise ConfigError(f"data.eval_source={held_out!r} does not exist (a folder of "
+                          "held-out shards with classes.json)")
+
+
+def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
+    """Validates ``cfg``, then checks the run directory, a ``--resume``'s changes and the local
+    sources, all before any Ray work or any file is written; then curates, trains and
+    evaluates. ``config.json`` is written when training starts, so a run that fails before can
+    be rerun as it was; a run that fails after the checks still writes ``metrics.json``, with
+    the error (and re-raises it)."""
     cfg = validate(cfg)
     _check_rewrite(cfg)
     run_dir = output or f"runs/{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "://" not in run_dir:
         run_dir = str(Path(run_dir).resolve())
     _check_run_dir(run_dir, resume, cfg)
+    _check_resume(run_dir, cfg, resume)
+    _check_local_sources(cfg)
     t0 = time.perf_counter()
-    write_json(join(run_dir, "config.json"), cfg.to_dict())
+    try:
+        return _run(cfg, run_dir, resume=resume, t0=t0)
+    except Exception as e:
+        _write_failure(run_dir, e, time.perf_counter() - t0)
+        raise
+
+
+def _run(cfg: Config, run_dir: str, *, resume: bool, t0: float) -> RunResult:
+    """The work of :func:`run` once every check passed: data, ingest, training, summary."""
+    from vlmray.data.outputs import claim_output
+    from vlmray.data.placement import apply_budget
+    from vlmray.train.checkpoint import find_latest
+    from vlmray.train.history import read_events, read_history
+    from vlmray.train.report import dedup_by_step, write_json, write_summary
+    from vlmray.train.trainer import build_trainer
+
+    claim_output(run_dir, "pretrain")    # a rerun of a run that failed before training is one
     train_uri, eval_uri = resolve_data(cfg, run_dir)
     train_uris = resolve_sources(cfg, run_dir)
     init_ray()
     apply_budget(cfg.data.placement)     # before any plan is built: datasets copy the context
     plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
     cfg = plan.config if plan else cfg
-    kwargs = [{"rejects_uri": join(run_dir, _rejects_dir(k)),
-               "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
-               "retrieval": plan.stages if plan and k == 0 else None}
-              for k in range(len(train_uris))]
-    if cfg.data.cache:
-        ingests = [run_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
-        ingest_summary = _ingest_summary(cfg, [i.summary() for i in ingests])
-        print(f"[vlmray] ingest (cached in memory): {ingest_summary}", flush=True)
-        trains, sizes = [i.train for i in ingests], [i.rows_accepted for i in ingests]
-    else:
-        streams = [stream_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
-        trains = [train for train, _ in streams]
-        single = cfg.data.sampling == "single_source"
-        sizes = _source_rows(train_uris, cfg.data.placement) if single else [0] * len(streams)
-        print("[vlmray] ingest: streaming (counts follow training)", flush=True)
+    trains, sizes, ingest_done = _ingest(cfg, run_dir, train_uris, plan)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
     datasets, sizes = _train_datasets(cfg, trains, sizes)
     trainer = build_trainer(cfg, datasets, run_dir=run_dir, eval_uri=eval_uri,
                             resume_from=str(latest) if latest else None, launch=launch,
                             eval_refs=plan.eval_refs if plan else "", source_sizes=sizes)
+    write_json(join(run_dir, "config.json"), cfg.to_dict())   # the run starts: now it is one
     result = trainer.fit()
-    if not cfg.data.cache:
-        ingest_summary = _ingest_summary(cfg, [stream_summary(tally) for _, tally in streams])
-        print(f"[vlmray] ingest (streamed): {ingest_summary}", flush=True)
     rows = dedup_by_step(read_history(run_dir))
-    summary = _summarise(rows, ingest_summary, time.perf_counter() - t0)
+    summary = _summarise(rows, ingest_done(), time.perf_counter() - t0)
     summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
     if sizes:
         summary["source_sizes"] = sizes          # what single-source sampling drew by
@@ -157,6 +188,74 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
     return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
+
+
+def _ingest(cfg: Config, run_dir: str, train_uris: list[str],
+            plan: Any) -> tuple[list[Any], list[int], Callable[[], dict[str, Any]]]:
+    """(each source's training dataset, source sizes, a function giving the ingest summary
+    once training has read the rows). Fails before Ray Train starts when a source has no
+    accepted row (:func:`_check_accepted`)."""
+    from vlmray.data.stream import stream_summary
+    from vlmray.pipelines.feed import run_ingest, stream_ingest
+
+    kwargs = [{"rejects_uri": join(run_dir, _rejects_dir(k)),
+               "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
+               "retrieval": plan.stages if plan and k == 0 else None}
+              for k in range(len(train_uris))]
+    if cfg.data.cache:
+        ingests = [run_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
+        _check_accepted(cfg, run_dir, [i.rows_accepted > 0 for i in ingests],
+                        lambda: [i.summary() for i in ingests])
+        summary = _ingest_summary(cfg, [i.summary() for i in ingests])
+        print(f"[vlmray] ingest (cached in memory): {summary}", flush=True)
+        return [i.train for i in ingests], [i.rows_accepted for i in ingests], lambda: summary
+    streams = [stream_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
+    trains = [train for train, _ in streams]
+    # One row is enough to know a source yields any: the peek reads until the first accepted
+    # row (every row only when all are rejected); the tally counts each row once all the same.
+    _check_accepted(cfg, run_dir, [bool(t.limit(1).take(1)) for t in trains],
+                    lambda: [stream_summary(tally) for _, tally in streams])
+    single = cfg.data.sampling == "single_source"
+    sizes = _source_rows(train_uris, cfg.data.placement) if single else [0] * len(streams)
+    print("[vlmray] ingest: streaming (counts follow training)", flush=True)
+
+    def summary() -> dict[str, Any]:
+        s = _ingest_summary(cfg, [stream_summary(tally) for _, tally in streams])
+        print(f"[vlmray] ingest (streamed): {s}", flush=True)
+        return s
+
+    return trains, sizes, summary
+
+
+def _check_accepted(cfg: Config, run_dir: str, nonempty: list[bool],
+                    summaries: Callable[[], list[dict[str, Any]]]) -> None:
+    """Raises ``ConfigError`` (before Ray Train starts) for the first source whose every row
+    was rejected, with its counts by reason and where the rejected rows are."""
+    if all(nonempty):
+        return
+    k = nonempty.index(False)
+    s = summaries()[k]
+    spec = [cfg.data.source, *cfg.data.extra_sources][k]
+    raise ConfigError(
+        f"every row of the training source {spec!r} was rejected ({s['rows_in']} rows in, "
+        f"by reason: {s['reject_reasons']}; the rows are in {join(run_dir, _rejects_dir(k))}): "
+        f"nothing to train on. Fix the data, or loosen the settings that reject its rows "
+        f"(data.min_image_side, data.max_text_chars, data.curation.*)")
+
+
+def _write_failure(run_dir: str, error: Exception, wall_s: float) -> None:
+    """``metrics.json`` of a run that failed after its checks: the error, and what its
+    history holds (steps, skipped steps, the last loss). Never masks the error itself."""
+    from vlmray.train.history import read_history
+    from vlmray.train.report import dedup_by_step, write_json
+
+    try:
+        rows = dedup_by_step(read_history(run_dir))
+        write_json(join(run_dir, "metrics.json"),
+                   {**_summarise(rows, {}, wall_s), "failed": True,
+                    "error": f"{type(error).__name__}: {error}", "finished_at": time.time()})
+    except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+        print(f"[vlmray] could not write metrics.json of the failed run: {e}", flush=True)
 
 
 def _source_rows(uris: list[str], placement: Any = None) -> list[int]:
@@ -214,12 +313,12 @@ def _train_datasets(cfg: Config, trains: list[Any],
 
 def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
     """``data.retrieval``'s plan (index built, stages for ingest), or None when it is off.
-    The config is rewritten when the plan fills a field (RA-CLIP's reference width)."""
+    ``plan.config`` fills what the plan knows (RA-CLIP's reference width); it is the run's
+    ``config.json`` once training starts."""
     r = cfg.data.retrieval
     if not r.enabled and r.reference_fraction <= 0:
         return None
     from vlmray.pipelines.retrieval import bootstrap_plan, prepare
-    from vlmray.train.report import write_json
 
     bootstrapped = ""
     if r.needs_bootstrap:   # RA-CLIP's own embedder: a short plain-CLIP run comes first
@@ -227,8 +326,6 @@ def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:
         if boot is not None:
             run(boot, output=bootstrapped, resume=resume)
     plan = prepare(cfg, train_uri, eval_uri, run_dir, bootstrapped=bootstrapped)
-    if plan.config is not cfg:
-        write_json(join(run_dir, "config.json"), plan.config.to_dict())
     if plan.stats:
         print(f"[vlmray] retrieval: {_index_summary(plan.stats)}", flush=True)
     return plan
@@ -254,8 +351,9 @@ def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float
     return {
         **{k: last_eval.get(k) for k in keys},
         **_other_eval_metrics(rows, last_eval),
-        "final_loss": rows[-1]["loss"] if rows else None,
+        "final_loss": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
         "steps": rows[-1]["step"] if rows else 0,
+        "skipped_steps": rows[-1].get("skipped_steps", 0) if rows else 0,
         "samples_seen": rows[-1].get("samples_seen") if rows else 0,
         "samples_per_s": sorted(throughput)[len(throughput) // 2] if throughput else None,
         "wall_s": wall_s,
@@ -264,7 +362,7 @@ def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float
 
 
 _STEP_KEYS = frozenset({"step", "epoch", "loss", "lr", "logit_scale", "grad_norm", "temperature",
-                        "samples_seen", "samples_per_s", "data_wait_frac"})
+                        "samples_seen", "samples_per_s", "data_wait_frac", "skipped_steps"})
 
 
 def _other_eval_metrics(rows: list[dict[str, Any]], last_eval: dict[str, Any]) -> dict[str, Any]:

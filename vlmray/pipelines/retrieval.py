@@ -238,10 +238,12 @@ def bootstrap_plan(cfg: Config, run_dir: str) -> tuple[str, Config | None, bool]
     the reference split (the same model and data settings, no retrieval) into
     ``<run>/retrieval/bootstrap``, whose checkpoint then embeds the index. The config is None
     when a finished bootstrap run is there to reuse; resume is True when one was started."""
+    import json
 
     out = join(run_dir, "retrieval", "bootstrap")
     fs, metrics = filesystem(join(out, "metrics.json"))
-    if fs.exists(metrics) and find_latest(join(out, "ray")):
+    finished = fs.exists(metrics) and not json.loads(fs.cat_file(metrics)).get("failed")
+    if finished and find_latest(join(out, "ray")):      # a failed run writes metrics.json too
         return out, None, False
     started = fs.exists(filesystem(join(out, "config.json"))[1])
     r = cfg.data.retrieval
