@@ -101,6 +101,33 @@ def test_command_line_parquet_output(ray_local, tmp_path, capsys) -> None:
     assert stats["captions"]["total"] == 20 and stats["generated_tokens"]["captions"] > 0
 
 
+def test_rows_the_reader_refuses_are_rejected_and_counted(ray_local, tmp_path) -> None:
+    """A key with '/' used to pass the read and fail the writer after all the work (and every
+    rerun); the reader's reason now reaches the job: rejected, counted, written to rejects/."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, "PNG")
+    src = tmp_path / "in" / "train"
+    src.mkdir(parents=True)
+    keys = ["a0", "a1", "bad/key", "a3"]
+    pq.write_table(pa.table({"key": keys, "image": [buf.getvalue()] * 4,
+                             "text": [f"a red square number {i}" for i in range(4)]}),
+                   src / "part-0.parquet")
+    stats = run(RewriteJobConfig(input=str(src), output=str(tmp_path / "out"),
+                                 rewrite=RewriteConfig(k=1)))
+    assert (stats["rows_in"], stats["rows_out"], stats["rows_rejected"]) == (4, 3, 1)
+    assert stats["reject_reasons"] == {"invalid_key": 1}
+    written = [r[schema.KEY] for r in iter_shards(str(tmp_path / "out" / "shards"))]
+    assert written == ["a0", "a1", "a3"]
+    rejects = pq.read_table(str(tmp_path / "out" / "rejects")).to_pylist()
+    assert [(r[schema.KEY], r[schema.REJECT_REASON]) for r in rejects] == [
+        ("bad/key", "invalid_key")]
+
+
 def test_bad_settings_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path), "--rewrite.backend", "bogus"])

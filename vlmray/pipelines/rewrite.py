@@ -113,13 +113,22 @@ def validate_job(job: RewriteJobConfig) -> None:
         list_inputs(input_uri(job), job.read)
 
 
+REJECT_COLUMNS = (schema.ROW_ID, schema.KEY, schema.REJECT_STAGE, schema.REJECT_REASON)
+"""What ``<output>/rejects/`` keeps of each row the reader refused."""
+
 def _read_rows(batch: dict[str, np.ndarray], tally: Any) -> dict[str, np.ndarray]:
-    """After the read: every row live (``REJECT_REASON`` ""), and counted by row id in the
-    :class:`~vlmray.data.stream.StreamTally` actor (once, even if a read task is retried)."""
+    """After the read: each row counted by row id in the
+    :class:`~vlmray.data.stream.StreamTally` actor (once, even if a read task is retried),
+    with the reason the reader refused it ("" = live: a bad key, a path outside the input,
+    a file too large), so a refused row is rejected and counted instead of failing the job."""
     import ray
 
-    batch[schema.REJECT_REASON] = np.full(len(batch[schema.KEY]), "", dtype=object)
-    ray.get(tally.add.remote(batch[schema.ROW_ID], batch[schema.REJECT_REASON]))
+    n = len(batch[schema.KEY])
+    reasons = batch.get(schema.REJECT_REASON)
+    reasons = np.full(n, "", dtype=object) if reasons is None else np.asarray(
+        [r or "" for r in reasons], dtype=object)
+    batch[schema.REJECT_REASON] = reasons
+    ray.get(tally.add.remote(batch[schema.ROW_ID], reasons))
     return batch
 
 
@@ -171,9 +180,11 @@ class Totals:
 
 
 def _write(job: RewriteJobConfig, uri: str,
-           shards_uri: str) -> tuple[dict[str, Any], Totals, int]:
-    """read -> rewrite_plan -> shards at ``shards_uri``, streamed: (writer's counts, totals,
-    rows read)."""
+           shards_uri: str, rejects_uri: str
+           ) -> tuple[dict[str, Any], Totals, dict[str, Any]]:
+    """read -> rewrite_plan -> shards at ``shards_uri`` (rows the reader refused: their key,
+    reason and stage under ``rejects_uri``), streamed: (writer's counts, totals, the read's
+    tally: rows_in, rows_rejected, reject_reasons)."""
     import ray
 
     tally = ray.remote(StreamTally).options(num_cpus=0).remote()
@@ -181,10 +192,11 @@ def _write(job: RewriteJobConfig, uri: str,
                                                   batch_format="numpy", batch_size=None)
     totals = Totals()
     out = write_shards_streamed(rewrite_plan(rows, job.rewrite), shards_uri, job.write, "jpg",
-                                summarize=batch_summary, on_summary=totals.add)
-    rows_in = int(ray.get(tally.totals.remote())["rows_in"])
+                                summarize=batch_summary, on_summary=totals.add,
+                                rejects_uri=rejects_uri, reject_columns=REJECT_COLUMNS)
+    read = ray.get(tally.totals.remote())
     ray.kill(tally)
-    return out, totals, rows_in
+    return out, totals, read
 
 
 def run(job: RewriteJobConfig) -> dict[str, Any]:
@@ -198,22 +210,29 @@ def run(job: RewriteJobConfig) -> dict[str, Any]:
     uri = input_uri(job)
     has_eval = copy_eval(job, join(incoming, "eval"))
     init_ray()
-    out, totals, rows_in = _write(job, uri, join(incoming, "shards"))
-    if not rows_in == out["rows"] == out["rows_out"] == out["rows_written"] \
-            == out["distinct_row_ids"]:
-        raise RuntimeError(f"rows_in {rows_in} != rows_out {out['rows_written']} (after "
-                           f"rewriting: {out['rows']}, kept: {out['rows_out']}, distinct row "
-                           f"ids: {out['distinct_row_ids']})")
-    for part in ("shards", "eval") if has_eval else ("shards",):
+    out, totals, read = _write(job, uri, join(incoming, "shards"), join(incoming, "rejects"))
+    rows_in, rejected = read["rows_in"], read["rows_rejected"]
+    if not (rows_in == out["rows"] == out["rows_out"] + out["rows_rejected"]
+            and out["rows_out"] == out["rows_written"] == out["distinct_row_ids"]
+            and out["rows_rejected"] == rejected):
+        raise RuntimeError(f"rows_in {rows_in} != rows_out {out['rows_written']} + rejected "
+                           f"{rejected} (after rewriting: {out['rows']}, kept: "
+                           f"{out['rows_out']}, distinct row ids: {out['distinct_row_ids']})")
+    parts = ["shards", "eval"] if has_eval else ["shards"]
+    if not rejected:
+        remove(join(job.output, "rejects"))      # an earlier run's, no longer true
+    for part in parts + (["rejects"] if rejected else []):
         publish(join(incoming, part), join(job.output, part))
     remove(incoming)
     eval_uri = join(job.output, "eval") if has_eval else ""
     cfg, rewrite_s = job.rewrite, out["stream_s"]
     tokens = {"rewrites": totals.tokens["rewrites"], "captions": totals.tokens["captions"]}
-    generated = rows_in * cfg.k + (rows_in if cfg.captioner != "none" else 0)
+    live = rows_in - rejected
+    generated = live * cfg.k + (live if cfg.captioner != "none" else 0)
     fallbacks = {k: dict(v) for k, v in totals.fallbacks.items()}
     stats = {"input": uri, "output": job.output, "eval": eval_uri, "rows_in": rows_in,
-             "rows_out": out["rows_written"], "shards": out["shards"],
+             "rows_out": out["rows_written"], "rows_rejected": rejected,
+             "reject_reasons": read["reject_reasons"], "shards": out["shards"],
              "format": job.write.format, "k": cfg.k, "backend": cfg.backend, "model": cfg.model,
              "captioner": cfg.captioner, **fallback_tallies(fallbacks),
              "generated_tokens": tokens, "rewrite_s": rewrite_s,
@@ -227,4 +246,4 @@ def run(job: RewriteJobConfig) -> dict[str, Any]:
     return stats
 
 
-__all__ = [ "copy_eval", "input_root", "input_uri", "run", "validate_job"]
+__all__ = ["copy_eval", "input_root", "input_uri", "run", "validate_job"]
