@@ -32,8 +32,9 @@ import vlmray
 from tests.plugins.ray_head import start_head, start_worker_node, stop_nodes
 from tests.train.test_multinode import TINY, _connect, _wait_for_nodes
 from vlmray.config import ConfigError
-from vlmray.config.curation import CurationConfig, ReadConfig
+from vlmray.config.curation import CurationConfig
 from vlmray.config.data import DEFAULT_BLOCK_BYTES, PlacementConfig, SyntheticConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.curation.plan import row_stages
 from vlmray.data.curation.readers import read_inputs

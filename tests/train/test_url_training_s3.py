@@ -144,7 +144,8 @@ def test_curation_job_reads_the_list_from_s3_and_resumes_from_s3_staging(s3_run,
     (its own staging), writes shards and rejects there; after a crash past staging (shards
     and stats gone, ``_staging`` kept) a rerun finishes from the staged rows, fetching
     nothing."""
-    from vlmray.config.curation import DownloadConfig, WriteConfig
+    from vlmray.config.curation import WriteConfig
+    from vlmray.config.inputs import DownloadConfig
     from vlmray.config.jobs import CurateJobConfig
     from vlmray.data.shards import iter_shards
     from vlmray.data.storage import remove

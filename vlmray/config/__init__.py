@@ -12,8 +12,8 @@ objective and view names) live with those packages and run once, from ``vlmray.v
 
     run.py        Config and its sections DataConfig, ModelConfig, TrainConfig, EvalConfig
     data.py       SyntheticConfig, ViewsConfig, MixupConfig, PlacementConfig
-    curation.py   ReadConfig, DownloadConfig, TextConfig, ImageConfig, ScoreConfig, DedupConfig,
-                  WriteConfig, CurationConfig
+    inputs.py     ReadConfig, DownloadConfig (how inputs are read and fetched)
+    curation.py   TextConfig, ImageConfig, ScoreConfig, DedupConfig, WriteConfig, CurationConfig
     retrieval.py  RetrievalConfig, IndexConfig, EmbedConfig
     rewrite.py    RewriteConfig, SamplingConfig, ValidateConfig
     jobs.py       CurateJobConfig, IndexJobConfig, RewriteJobConfig
@@ -28,15 +28,14 @@ from __future__ import annotations
 from vlmray.config.curation import (
     CurationConfig,
     DedupConfig,
-    DownloadConfig,
     ImageConfig,
-    ReadConfig,
     ScoreConfig,
     TextConfig,
     WriteConfig,
 )
 from vlmray.config.data import MixupConfig, PlacementConfig, SyntheticConfig, ViewsConfig
 from vlmray.config.errors import ConfigError
+from vlmray.config.inputs import DownloadConfig, ReadConfig
 from vlmray.config.jobs import CurateJobConfig, IndexJobConfig, RewriteJobConfig
 from vlmray.config.objectives import ObjectiveSpec
 from vlmray.config.overrides import (

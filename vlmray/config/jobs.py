@@ -11,14 +11,13 @@ from typing import Literal, get_args
 from vlmray.config.curation import (
     CurationConfig,
     DedupConfig,
-    DownloadConfig,
     ImageConfig,
-    ReadConfig,
     ScoreConfig,
     TextConfig,
     WriteConfig,
 )
 from vlmray.config.data import PlacementConfig, SyntheticConfig
+from vlmray.config.inputs import DownloadConfig, ReadConfig
 from vlmray.config.retrieval import EmbedConfig, IndexConfig
 from vlmray.config.rewrite import RewriteConfig
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlmray.config.curation import ReadConfig
 from vlmray.config.data import PlacementConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import read_inputs
 from vlmray.data.decode import DecodeSpec, prepare_rows

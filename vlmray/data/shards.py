@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 
-from vlmray.config.curation import ReadConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data.schema import IMAGE, KEY, META, TEXT, WDS_SUFFIX
 from vlmray.data.storage import ensure_parent, filesystem, join, to_uri
 

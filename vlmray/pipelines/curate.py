@@ -56,8 +56,8 @@ from vlmray.data.curation.twopass import (
     read_staged,
     stage_once,
 )
-from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.outputs import check_output, claim_output
+from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.storage import exists, filesystem, join, open_write, remove
 from vlmray.data.synthetic import ensure_synthetic
 from vlmray.embedders import scorer_for

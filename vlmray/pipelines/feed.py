@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vlmray.config.curation import ReadConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data.curation.download import DownloadStage
 from vlmray.data.curation.plan import apply_row_stages, global_stages, row_stages
 from vlmray.data.curation.readers import list_inputs

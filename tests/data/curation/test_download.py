@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from vlmray.cli import field_docs
-from vlmray.config.curation import DownloadConfig
+from vlmray.config.inputs import DownloadConfig
 from vlmray.data import schema
 from vlmray.data.curation.download import (
     DOWNLOAD_ERROR,

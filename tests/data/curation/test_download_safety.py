@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.plugins.http_server import LoopbackServer, Route, body, drip, send
-from vlmray.config.curation import DownloadConfig
+from vlmray.config.inputs import DownloadConfig
 from vlmray.data import schema
 from vlmray.data.curation.download import (
     DOWNLOAD_BLOCKED,

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.data.curation.corpus import bad_rows
-from vlmray.config.curation import DownloadConfig, WriteConfig
+from vlmray.config.curation import WriteConfig
 from vlmray.config.data import SyntheticConfig
+from vlmray.config.inputs import DownloadConfig
 from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
 from vlmray.data.shards import encode_shard, iter_shards

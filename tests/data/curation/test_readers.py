@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from vlmray.cli import field_docs
-from vlmray.config.curation import ReadConfig, WriteConfig
+from vlmray.config.curation import WriteConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import (

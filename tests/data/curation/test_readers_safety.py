@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vlmray.config.curation import ReadConfig, TextConfig
+from vlmray.config.curation import TextConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.curation.accounting import count_batch, stage_stats
 from vlmray.data.curation.readers import read_file, read_inputs_local

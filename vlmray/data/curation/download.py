@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote, urljoin, urlsplit
 
-from vlmray.config.curation import DownloadConfig
+from vlmray.config.inputs import DownloadConfig
 from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, filled, num_rows
 

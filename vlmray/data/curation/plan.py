@@ -22,8 +22,9 @@ from vlmray.data.curation.text import TextStage
 if TYPE_CHECKING:
     import ray.data
 
-    from vlmray.config.curation import CurationConfig, DownloadConfig
+    from vlmray.config.curation import CurationConfig
     from vlmray.config.data import PlacementConfig
+    from vlmray.config.inputs import DownloadConfig
     from vlmray.data.curation.score import EmbedderSource
 
 

@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmray.config.curation import ReadConfig
 from vlmray.config.data import PlacementConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.shards import member_group, sample_key, valid_key

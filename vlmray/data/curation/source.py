@@ -13,7 +13,7 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from vlmray.config.curation import ReadConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS, read_file
 
 BLOCK_ROWS = 256
