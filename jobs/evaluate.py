@@ -1,7 +1,11 @@
 """Evaluate a checkpoint on a held-out split: zero-shot top-1/top-5 and retrieval R@1/5/10.
 
     python jobs/evaluate.py runs/a/ray/train/checkpoint_XXXX            # its run's held-out split
+    python jobs/evaluate.py s3://bucket/runs/a                          # a run's newest intact one
     python jobs/evaluate.py CHECKPOINT --eval-source s3://bucket/ds/eval --max-samples 500
+
+Checkpoints and runs are local paths or URIs; a checkpoint is checked against its manifest and
+read with weights_only=True (see vlmray/train/checkpoint.py) before anything is evaluated.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ import sys
 import torch
 
 from vlmray.config import Config
+from vlmray.config.sources import is_builtin
 from vlmray.data.ingest import decode_spec, tokenizer_for
 from vlmray.eval import evaluate, load_heldout
-from vlmray.train.checkpoint import find_latest, load_checkpoint, read_config
+from vlmray.train.checkpoint import (
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    read_config,
+)
 from vlmray.train.state import build_core_model
 
 
@@ -27,16 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ckpt = find_latest(args.checkpoint)
     if ckpt is None:
-        p.error(f"no checkpoint under {args.checkpoint!r}")
+        p.error(f"no intact checkpoint under {args.checkpoint!r}")
     cfg = Config.from_dict(read_config(ckpt))
     model = build_core_model(cfg)
-    progress = load_checkpoint(ckpt, model=model)
+    try:
+        progress = load_checkpoint(ckpt, model=model)
+    except CheckpointError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
     eval_uri = args.eval_source or _run_eval_uri(cfg, str(ckpt))
     tok = tokenizer_for(cfg.data)
     data = load_heldout(eval_uri, decode_spec(cfg.data), tok,
                         max_samples=args.max_samples or cfg.eval.max_samples)
-    torch.set_grad_enabled(False)
-    metrics = evaluate(model, data, tok, batch_size=cfg.eval.batch_size)
+    with torch.no_grad():
+        metrics = evaluate(model, data, tok, batch_size=cfg.eval.batch_size)
     print(json.dumps({"checkpoint": str(ckpt), "step": progress.step, "eval_rows": len(data),
                       **metrics}))
     return 0
@@ -46,7 +60,7 @@ def _run_eval_uri(cfg: Config, ckpt: str) -> str:
     """The held-out split a run trained against: its own built-in data, or the config's."""
     if cfg.data.eval_source:
         return cfg.data.eval_source
-    if cfg.data.source != "builtin":
+    if not is_builtin(cfg.data.source):
         return f"{cfg.data.source.rstrip('/')}/eval"
     run_dir = ckpt.split("/ray/")[0]
     return f"{run_dir}/data/eval"

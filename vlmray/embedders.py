@@ -15,11 +15,8 @@ that composes their plan; each worker loads the model once with :meth:`ModelSour
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +29,8 @@ from vlmray.config.retrieval import MINILM
 from vlmray.data.curation.score import Embedder
 from vlmray.data.decode import DecodeSpec, decode_image
 from vlmray.data.ingest import decode_spec, tokenizer_for
-from vlmray.data.storage import filesystem, is_remote, join
-from vlmray.train.checkpoint import CONFIG, STATE, find_latest, load_checkpoint
+from vlmray.data.storage import filesystem, join
+from vlmray.train.checkpoint import CONFIG, find_latest, load_checkpoint
 from vlmray.train.state import build_core_model
 
 HF_PREFIX = "hf:"
@@ -71,9 +68,10 @@ def resolve_model(spec: str) -> ModelSource:
         ckpt = None
     if ckpt is None:
         raise FileNotFoundError(
-            f"score.model {spec!r}: no vlmray checkpoint (a directory with state.pt and "
-            f"progress.json) at or under it; give a run or checkpoint directory (local or "
-            f"s3://), or '{HF_PREFIX}<local dir>' for a transformers CLIP model")
+            f"score.model {spec!r}: no vlmray checkpoint at or under it (a directory with "
+            f"state.pt, progress.json and config.json that match its manifest.json; any "
+            f"skipped were printed with the reason); give a run or checkpoint directory (local "
+            f"or s3://), or '{HF_PREFIX}<local dir>' for a transformers CLIP model")
     fs, path = filesystem(join(str(ckpt), CONFIG))
     try:
         config = json.loads(fs.cat_file(path))
@@ -129,29 +127,13 @@ def _torch_device(choice: str) -> Any:
     return torch.device(choice)
 
 
-@contextlib.contextmanager
-def _local_checkpoint(path: str) -> Iterator[str]:
-    """``path`` itself when local; else its state and config copied to a temporary directory
-    (removed afterwards)."""
-    if not is_remote(path):
-        yield path
-        return
-
-    with tempfile.TemporaryDirectory(prefix="vlmray-score-") as local:
-        for name in (STATE, CONFIG):
-            fs, remote = filesystem(join(path, name))
-            fs.get(remote, str(Path(local) / name))
-        yield local
-
-
 class VlmrayEmbedder:
     """A vlmray checkpoint, rebuilt from its config; inputs prepared exactly as in training."""
 
     def __init__(self, source: ModelSource, device: Any) -> None:
         cfg = Config.from_dict(source.config)
         self.model = build_core_model(cfg)
-        with _local_checkpoint(source.path) as local:
-            load_checkpoint(local, model=self.model)
+        load_checkpoint(source.path, model=self.model)   # checked; weights_only; s3:// copied
         self.model.to(device).eval()
         self.device = device
         self.spec = decode_spec(cfg.data)

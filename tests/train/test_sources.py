@@ -29,6 +29,7 @@ from vlmray.config.data import SyntheticConfig
 from vlmray.config.sources import builtin_config
 from vlmray.data.sources import choose_source, source_probabilities
 from vlmray.train.checkpoint import (
+    MANIFEST,
     PROGRESS,
     STATE,
     Progress,
@@ -105,6 +106,7 @@ def test_old_single_stream_checkpoint_loads(tmp_path: Path) -> None:
     state = torch.load(path / STATE, weights_only=False)
     state["progress"].pop("sources")                     # as written before sources existed
     torch.save(state, path / STATE)
+    (path / MANIFEST).unlink()                           # and before manifests
     p = load_checkpoint(path, model=torch.nn.Linear(2, 2))
     assert p == Progress(step=6, epoch=2, batch_in_epoch=3, samples_seen=192)
     # a single-source run continuing it: source 0 goes on where the stream stood

@@ -37,6 +37,7 @@ from vlmray.distributed import Dist
 from vlmray.objectives.base import Metric, host_metrics
 from vlmray.train.checkpoint import (
     PROGRESS,
+    IncompleteCheckpointError,
     Progress,
     SourcePosition,
     find_latest,
@@ -254,9 +255,13 @@ def _checkpoint_at(uri: str) -> ray.train.Checkpoint:
 
 
 def _checkpoint_step(ckpt: ray.train.Checkpoint) -> int:
-    """The step a checkpoint was saved at (its ``progress.json``, read without downloading)."""
-    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{PROGRESS}") as f:
-        return int(json.loads(f.read())["step"])
+    """The step a checkpoint was saved at (its ``progress.json``, read without downloading);
+    -1 when that is missing or cut short (the checkpoint is tried last, and fails its check)."""
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{PROGRESS}") as f:
+            return int(json.loads(f.read())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
@@ -264,7 +269,8 @@ def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
     worker-group restart, or on a re-run of the same run directory), the checkpoint directory
     ``--resume`` named, and the newest complete one on this run's storage (Ray's record lags
     behind storage when a worker or the driver dies soon after reporting one). A tie keeps the
-    earlier in that order. Returns ``"ray"``, ``"resume"``, ``"storage"`` or ``"fresh"``."""
+    earlier in that order; one whose files fail their manifest is skipped for the next (storage's
+    is the newest intact one). Returns ``"ray"``, ``"resume"``, ``"storage"`` or ``"fresh"``."""
     found = [(ray.train.get_checkpoint(), "ray")]
     if resume_from:
         found.append((_checkpoint_at(resume_from), "resume"))
@@ -273,11 +279,16 @@ def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
     found = [(ckpt, source) for ckpt, source in found if ckpt is not None]
     if not found:
         return "fresh"
-    ckpt, source = max(found, key=lambda cs: _checkpoint_step(cs[0]))
-    with ckpt.as_directory() as d:
-        state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
-                                         scheduler=state.scheduler, objectives=state.mix)
-    return source
+    for ckpt, source in sorted(found, key=lambda cs: -_checkpoint_step(cs[0])):   # stable
+        with ckpt.as_directory() as d:
+            try:
+                state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
+                                                 scheduler=state.scheduler, objectives=state.mix)
+            except IncompleteCheckpointError as e:
+                print(f"[vlmray] {source} checkpoint skipped: {e}", flush=True)
+                continue
+        return source
+    raise IncompleteCheckpointError(f"no intact checkpoint among {[s for _, s in found]}")
 
 
 def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:

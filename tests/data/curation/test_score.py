@@ -28,6 +28,7 @@ from vlmray.data.ingest import decode_spec, tokenizer_for
 from vlmray.data.storage import filesystem
 from vlmray.data.synthetic import make_sample
 from vlmray.embedders import CLIP_MEAN, CLIP_STD, resolve_model
+from vlmray.train.checkpoint import Progress, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,11 +132,18 @@ def test_missing_or_invalid_model_fails_when_resolved(tmp_path, run_dir) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no vlmray checkpoint"):
         resolve_model(str(tmp_path / "empty"))
-    bad = tmp_path / "bad"
-    bad.mkdir()
+    torn = tmp_path / "torn"                  # state.pt is not what torch.save writes
+    torn.mkdir()
     for name in ("state.pt", "progress.json"):
-        (bad / name).write_text(json.dumps({"step": 1}))
-    (bad / "config.json").write_text(json.dumps({"not_a_field": 1}))
+        (torn / name).write_text(json.dumps({"step": 1}))
+    (torn / "config.json").write_text(json.dumps(Config().to_dict()))
+    with pytest.raises(FileNotFoundError, match="no vlmray checkpoint"):
+        resolve_model(str(torn))
+    model = torch.nn.Linear(2, 2)                       # intact, but not a vlmray config
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bad = save_checkpoint(tmp_path / "bad", model=model, optimizer=opt,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                          progress=Progress(step=1), config={"not_a_field": 1})
     with pytest.raises(ValueError, match="not a vlmray config"):
         resolve_model(str(bad))
     with pytest.raises(FileNotFoundError, match="not a local directory"):
