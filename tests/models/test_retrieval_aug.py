@@ -175,14 +175,14 @@ def test_config_validation() -> None:
         validate_model_config(tiny(ra_layers=1))
     with pytest.raises(ConfigError, match="ra_heads=3.*embed_dim=16"):
         validate_model_config(tiny(ra_layers=1, ra_ref_dim=8, ra_heads=3))
-    with pytest.raises(ConfigError, match="ra_layers must be >= 0"):
+    with pytest.raises(ConfigError, match="ra_layers must be an int >= 0"):   # at construction
         validate_model_config(tiny(ra_layers=-1))
 
 
 def test_ref_dim_may_be_left_to_the_retrieval_stage() -> None:
     """Before the index exists its width is unknown: validation may defer it, the build not."""
     validate_model_config(tiny(ra_layers=1), ref_dim_filled_later=True)
-    with pytest.raises(ConfigError, match="ra_ref_dim > 0"):
+    with pytest.raises(ConfigError, match="ra_ref_dim must be an int >= 0"):  # at construction
         validate_model_config(tiny(ra_layers=1, ra_ref_dim=-2), ref_dim_filled_later=True)
     with pytest.raises(ConfigError, match="ra_ref_dim > 0"):
         make(tiny(ra_layers=1))
