@@ -1,5 +1,5 @@
-"""The rewrite job streams: on a Ray whose object store is capped at 80 MiB, a job over twice
-as many image bytes finishes with nothing spilled, while holding its input (a plain
+"""The rewrite job streams: on a Ray whose object store is capped at 80 MiB, a job over more
+image bytes than that finishes with nothing spilled, while holding its input (a plain
 ``materialize()`` of the same read) has to spill. Measured through Ray's own store statistics.
 
     pytest tests/rewrite/test_rewrite_streams.py -q
@@ -29,7 +29,7 @@ from vlmray.data.shards import iter_shard
 from vlmray.pipelines.rewrite import run
 
 CAP = 80 << 20                                      # Ray's smallest object store is 75 MiB
-FILES, PER_FILE, IMAGE_BYTES = 16, 200, 50_000     # 3200 rows, 160 MB of (incompressible) images
+FILES, PER_FILE, IMAGE_BYTES = 11, 200, 50_000     # 2200 rows, 110 MB of (incompressible) images
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ class StoreMonitor:
 def test_the_job_streams_data_larger_than_the_object_store(capped_ray, inputs, tmp_path) -> None:
     out = str(tmp_path / "out")
     job = RewriteJobConfig(input=inputs, output=out, rewrite=RewriteConfig(k=1),
-                           write=WriteConfig(shard_size=1000, piece_rows=64))
+                           write=WriteConfig(shard_size=550, piece_rows=64))
     with StoreMonitor() as job_store:
         stats = run(job)
     print(f"rewrite job: peak object store {job_store.peak / 2**20:.1f} MiB of "
@@ -109,7 +109,9 @@ def test_the_job_streams_data_larger_than_the_object_store(capped_ray, inputs, t
     assert stats["rows_in"] == stats["rows_out"] == FILES * PER_FILE and stats["shards"] == 4
     assert job_store.spilled == 0                          # the job never held the rows
     first = next(iter_shard(str(Path(out, "shards", "part-00003.tar"))))
-    assert first["key"] == f"{3000 // PER_FILE:03d}0000" and len(first["image"]) == IMAGE_BYTES
+    row = 3 * 550                                       # shard 3 starts here, in input order
+    assert first["key"] == f"{row // PER_FILE:03d}{row % PER_FILE:04d}"
+    assert len(first["image"]) == IMAGE_BYTES
 
     with StoreMonitor() as held:                        # the measurement can see a held dataset
         ds = read_inputs(inputs).materialize()
