@@ -12,10 +12,9 @@ import pytest
 
 from vlmray.data import schema
 from vlmray.data.curation.stage import apply_stage
+from vlmray.retrieval.attach import AttachConfig, AttachNeighbours
 from vlmray.retrieval.index import BuiltIndex, IndexConfig, build_index
 from vlmray.retrieval.search import (
-    AttachConfig,
-    AttachNeighbours,
     SearchActor,
     SearchConfig,
     SearchStage,

@@ -27,16 +27,14 @@ from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, Resources, Stage, StageOutput, num_rows
 from vlmray.data.shards import iter_shards
 from vlmray.data.storage import arrow_filesystem, filesystem, join
-from vlmray.retrieval.embed import EmbedStage
-from vlmray.retrieval.search import (
+from vlmray.retrieval.attach import (
     AttachConfig,
     AttachNeighbours,
     EmbeddingTable,
-    SearchConfig,
-    SearchStage,
-    ShipsLight,
     load_embedding_table,
 )
+from vlmray.retrieval.embed import EmbedStage
+from vlmray.retrieval.search import SearchConfig, SearchStage, ShipsLight
 from vlmray.retrieval.split import SubsetStage
 from vlmray.train.checkpoint import find_latest
 

@@ -1,8 +1,7 @@
-"""Top-k neighbour search over a saved index: a Ray Data stage, an online actor, and a stage
-that attaches what the neighbours carry (reference embeddings, a neighbour's caption).
+"""Top-k neighbour search over a saved index: a Ray Data stage and an online actor (what the
+neighbours carry is attached by :mod:`vlmray.retrieval.attach`).
 
     ds = apply_stage(ds, SearchStage(SearchConfig(index="s3://bucket/index/v1", k=8)))
-    ds = apply_stage(ds, AttachNeighbours(AttachConfig(table="s3://bucket/embeds", k=8)))
 
     actor = start_search_actor("s3://bucket/index/v1", name="search")   # get-or-create
     scores, keys = ray.get(actor.search.remote(queries, 8))             # (Q, 8), (Q, 8)
@@ -22,7 +21,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlmray.data import schema
 from vlmray.data.curation.stage import (
@@ -30,21 +28,17 @@ from vlmray.data.curation.stage import (
     Resources,
     Stage,
     StageOutput,
-    as_str_column,
     num_rows,
 )
-from vlmray.data.storage import filesystem
 from vlmray.retrieval.index import BuiltIndex
 
-__all__ = ["AttachConfig", "AttachNeighbours", "EmbeddingTable", "SearchActor", "SearchConfig",
-           "SearchStage", "as_list", "load_embedding_table", "search_excluding",
-           "start_search_actor", "typed_lists"]
+__all__ = ["QUERY_COLUMNS", "SearchActor", "SearchConfig", "SearchStage", "ShipsLight", "as_list",
+           "check_counts", "object_column", "search_excluding", "start_search_actor", "typed_lists"]
 
 QUERY_COLUMNS = (schema.IMAGE_EMBED, schema.TEXT_EMBED)
 MAX_FETCH = 2048
 """Most candidates fetched per query (faiss' GPU limit on k)."""
 _LIST_TYPES = {schema.NEIGHBOURS: pa.string(), schema.NEIGHBOUR_SCORES: pa.float32()}
-_REFS = {schema.IMAGE_EMBED: schema.REF_IMAGE_EMBEDS, schema.TEXT_EMBED: schema.REF_TEXT_EMBEDS}
 
 
 @dataclass(kw_only=True)
@@ -81,10 +75,10 @@ class SearchConfig:
                              f"{QUERY_COLUMNS}")
         if self.overfetch < 0:
             raise ValueError(f"SearchConfig.overfetch must be >= 0, got {self.overfetch}")
-        _check_counts(self)
+        check_counts(self)
 
 
-def _check_counts(cfg: SearchConfig | AttachConfig) -> None:
+def check_counts(cfg: Any) -> None:
     for name in ("k", "batch_size", "actors"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got "
@@ -165,11 +159,11 @@ def typed_lists(batch: Batch) -> Batch:
     objects (strings) or tensors (floats); stages passing these columns through call this."""
     for col, typ in _LIST_TYPES.items():
         if col in batch:
-            batch[col] = _object_column([pa.array(as_list(c), typ) for c in batch[col]])
+            batch[col] = object_column([pa.array(as_list(c), typ) for c in batch[col]])
     return batch
 
 
-def _object_column(values: Sequence[Any]) -> np.ndarray:
+def object_column(values: Sequence[Any]) -> np.ndarray:
     """A 1-D object array holding each of ``values`` (lists stay lists, not a 2-D array)."""
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
@@ -230,8 +224,8 @@ class SearchStage(ShipsLight):
             duplicate_threshold=self.cfg.duplicate_threshold, overfetch=self.cfg.overfetch)
         real = keys != ""                                                   # (B, k)
         return StageOutput(columns={
-            schema.NEIGHBOURS: _object_column([list(r[m]) for r, m in zip(keys, real)]),
-            schema.NEIGHBOUR_SCORES: _object_column([r[m] for r, m in zip(scores, real)])})
+            schema.NEIGHBOURS: object_column([list(r[m]) for r, m in zip(keys, real)]),
+            schema.NEIGHBOUR_SCORES: object_column([r[m] for r, m in zip(scores, real)])})
 
 
 # --- the online actor -------------------------------------------------------------------------
@@ -279,128 +273,4 @@ def start_search_actor(index_uri: str, *, name: str | None = None, num_cpus: flo
         index_uri, duplicate_threshold=duplicate_threshold, overfetch=overfetch)
 
 
-# --- attaching what neighbours carry ----------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class AttachConfig:
-    """What :class:`AttachNeighbours` adds to each row from its ``NEIGHBOURS``."""
-
-    table: str
-    """Embedding shards: a directory of ``part-*.parquet`` (or one parquet file), local or
-    s3://, with ``key``, ``text`` and ``image_embed`` and/or ``text_embed``."""
-    k: int = 8
-    """Reference slots per row: ``REF_*`` have ``k`` rows, padded with zeros (mask 0)."""
-    references: bool = True
-    """Write ``REF_IMAGE_EMBEDS`` / ``REF_TEXT_EMBEDS`` (those the table has) and ``REF_MASK``."""
-    neighbour_text: bool = False
-    """Write ``NN_TEXT``: the first neighbour's caption, else the row's own ``TEXT``."""
-    batch_size: int = 256
-    """Rows per batch."""
-    actors: int = 1
-    """Actors in the pool; each loads the table once."""
-    num_cpus: float = 1.0
-    """CPUs reserved per actor."""
-
-    def __post_init__(self) -> None:
-        if not self.table:
-            raise ValueError("AttachConfig.table must name the embedding shards")
-        if not (self.references or self.neighbour_text):
-            raise ValueError("AttachConfig: nothing to attach (references and neighbour_text "
-                             "are both False)")
-        _check_counts(self)
-
-
-@dataclass
-class EmbeddingTable:
-    """Embedding shards in memory: row of each key, embeddings (N, D) float32, captions."""
-
-    rows: dict[str, int]
-    embeds: dict[str, np.ndarray]
-    texts: np.ndarray
-
-
-def load_embedding_table(uri: str) -> EmbeddingTable:
-    """Reads ``part-*.parquet`` under ``uri`` (sorted), or the one file ``uri`` names."""
-    fs, path = filesystem(uri)
-    files = [path] if path.endswith(".parquet") else sorted(fs.glob(f"{path}/part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no part-*.parquet under {uri}")
-    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
-    keys = table.column(schema.KEY).to_pylist()
-    embeds = {col: _matrix(table.column(col)) for col in QUERY_COLUMNS
-              if col in table.column_names}
-    texts = table.column(schema.TEXT).to_pylist()
-    return EmbeddingTable(rows={k: i for i, k in enumerate(keys)}, embeds=embeds,
-                          texts=np.array(["" if t is None else t for t in texts], dtype=object))
-
-
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """(N, D) float32 from a (fixed-size) list<float> column."""
-    arr = column.combine_chunks()
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(arr), -1 if len(arr) else 0)
-
-
-class AttachNeighbours(ShipsLight):
-    """Maps each row's ``NEIGHBOURS`` to fixed-shape reference tensors and/or ``NN_TEXT``.
-
-    Per row: ``REF_IMAGE_EMBEDS`` / ``REF_TEXT_EMBEDS`` float32 (k, D) and ``REF_MASK``
-    float32 (k,), real neighbours first (keys missing from the table are skipped), zeros with
-    mask 0 after them. Rows rejected earlier get all-zero references and an empty ``NN_TEXT``.
-    Each actor holds the whole embedding table in memory.
-    """
-
-    name: ClassVar[str] = "attach_neighbours"
-    _heavy: ClassVar[str] = "_table"
-
-    def __init__(self, cfg: AttachConfig) -> None:
-        self.cfg = cfg
-        self.resources = Resources(num_cpus=cfg.num_cpus, actors=cfg.actors,
-                                   batch_size=cfg.batch_size)
-        self._table: EmbeddingTable | None = None
-
-    def setup(self) -> None:
-        self._table = load_embedding_table(self.cfg.table)
-        if self.cfg.references and not self._table.embeds:
-            raise ValueError(f"AttachConfig.references: {self.cfg.table} has neither "
-                             f"{schema.IMAGE_EMBED} nor {schema.TEXT_EMBED}")
-
-    def __call__(self, batch: Batch) -> Batch:
-        if not self._ready:
-            self.setup()
-            self._ready = True
-        batch, n = dict(batch), num_rows(batch)
-        for col, shape in self._shapes().items():                  # fixed shapes on every row
-            if col not in batch:
-                batch[col] = np.zeros((n, *shape), dtype=np.float32)
-        if self.cfg.neighbour_text and schema.NN_TEXT not in batch:
-            batch[schema.NN_TEXT] = np.full(n, "", dtype=object)
-        return typed_lists(super().__call__(batch))
-
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        if not self.cfg.references or self._table is None:
-            return {}
-        shapes = {_REFS[c]: (self.cfg.k, m.shape[1]) for c, m in self._table.embeds.items()}
-        return {**shapes, schema.REF_MASK: (self.cfg.k,)}
-
-    def process(self, batch: Batch) -> StageOutput:
-        assert self._table is not None
-        table, k = self._table, self.cfg.k
-        idx = np.full((num_rows(batch), k), -1, dtype=np.int64)            # (B, k)
-        for i, keys in enumerate(batch[schema.NEIGHBOURS]):
-            found = [table.rows[x] for x in as_list(keys) if x in table.rows]
-            idx[i, :min(len(found), k)] = found[:k]
-        real = idx >= 0
-        columns: dict[str, np.ndarray] = {}
-        if self.cfg.references:
-            for col, matrix in table.embeds.items():
-                refs = matrix[np.maximum(idx, 0)] * real[..., None]         # (B, k, D)
-                columns[_REFS[col]] = refs.astype(np.float32)
-            columns[schema.REF_MASK] = real.astype(np.float32)               # (B, k)
-        if self.cfg.neighbour_text:
-            own = as_str_column(batch.get(schema.TEXT, np.full(len(idx), "", dtype=object)))
-            columns[schema.NN_TEXT] = _object_column(
-                [table.texts[r[0]] if r[0] >= 0 else t or "" for r, t in zip(idx, own)])
-        return StageOutput(columns=columns)
 
