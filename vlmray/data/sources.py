@@ -16,7 +16,6 @@ communication, and a resumed run repeats the choices of the run it continues.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 

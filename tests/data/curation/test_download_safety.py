@@ -20,9 +20,9 @@ from vlmray.data.curation.download import (
     DOWNLOAD_HTTP_ERROR,
     DOWNLOAD_REDIRECTS,
     DOWNLOAD_TIMEOUT,
-    AddressPolicy,
     DownloadStage,
 )
+from vlmray.data.curation.safe_http import AddressPolicy
 from vlmray.data.curation.stage import filled
 
 SECRET = b"internal service: do not fetch"
