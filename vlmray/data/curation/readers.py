@@ -29,14 +29,10 @@ import gzip
 import io
 import json
 import logging
-import os
 import posixpath
-import re
-import stat
 import tarfile
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,9 +42,16 @@ import pyarrow.parquet as pq
 from vlmray.config.data import PlacementConfig
 from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
+from vlmray.data.curation.image_paths import (
+    FILE_TOO_LARGE,
+    IMAGE_PATH_NOT_A_FILE,
+    IMAGE_PATH_OUTSIDE_INPUT,
+    URL_BELONGS_IN_URL_COLUMN,
+    read_images,
+)
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.shards import member_group, sample_key, valid_key
-from vlmray.data.storage import arrow_filesystem, filesystem, is_remote, join, to_uri
+from vlmray.data.storage import arrow_filesystem, filesystem, to_uri
 
 if TYPE_CHECKING:
     import ray.data
@@ -67,15 +70,8 @@ _ROW_COLUMNS = COLUMNS[:5]                       # what a reader fills; then SOU
 READ_STAGE = "read"
 """The ``REJECT_STAGE`` of rows the read rejects (a stage of the curation stats)."""
 INVALID_KEY = "invalid_key"
-IMAGE_PATH_OUTSIDE_INPUT = "image_path_outside_input"
-URL_BELONGS_IN_URL_COLUMN = "url_belongs_in_url_column"
-IMAGE_PATH_NOT_A_FILE = "image_path_not_a_file"
-FILE_TOO_LARGE = "file_too_large"
 READ_REASONS = (INVALID_KEY, IMAGE_PATH_OUTSIDE_INPUT, URL_BELONGS_IN_URL_COLUMN,
                 IMAGE_PATH_NOT_A_FILE, FILE_TOO_LARGE)
-_WEB_SCHEMES = frozenset({"http", "https", "ftp", "ftps"})
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-
 _EXTENSIONS = {".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
                ".parquet": "parquet", ".csv": "urls", ".tsv": "urls", ".jsonl": "urls",
                ".txt": "urls"}
@@ -284,67 +280,6 @@ def _meta_str(value: Any) -> str | None:
         value, default=str)
 
 
-def _read_blob(uri: str, max_bytes: int) -> tuple[bytes | None, str]:
-    """``(bytes, "")``, ``(None, "")`` when missing, or ``(None, reason)``: never more than
-    ``max_bytes + 1`` bytes are read, and a local path must be a regular file (``/dev/zero``
-    or a FIFO would never end)."""
-    fs, path = filesystem(uri)
-    try:
-        if not is_remote(uri):
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                return None, IMAGE_PATH_NOT_A_FILE
-            if st.st_size > max_bytes:
-                return None, FILE_TOO_LARGE
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None, ""
-    return (None, FILE_TOO_LARGE) if len(data) > max_bytes else (data, "")
-
-
-def _image_uri(p: str, base: str, cfg: ReadConfig) -> tuple[str, str]:
-    """``(what to read, "")`` for an image path from a table, or ``("", reason)``. Relative
-    paths stay inside ``base`` (the table's folder); absolute paths and URIs only with
-    ``read.allow_absolute_paths``; web URLs never (the downloader fetches those, with its
-    checks); fsspec chains (``a::b``) never."""
-    if any(m.lower() in _WEB_SCHEMES for m in _SCHEME.findall(p)):
-        return "", URL_BELONGS_IN_URL_COLUMN
-    if "::" in p:
-        return "", IMAGE_PATH_OUTSIDE_INPUT
-    if "://" in p or posixpath.isabs(p):
-        return (p, "") if cfg.allow_absolute_paths else ("", IMAGE_PATH_OUTSIDE_INPUT)
-    rel = posixpath.normpath(p)
-    if rel == ".." or rel.startswith("../"):
-        return "", IMAGE_PATH_OUTSIDE_INPUT
-    return join(base, rel), ""
-
-
-def _images(values: list[Any], paths: list[Any], base: str,
-            cfg: ReadConfig) -> tuple[list[bytes | None], list[str]]:
-    """Image bytes per row (inline bytes, an HF-style ``{bytes, path}`` struct, or a path read
-    under :func:`_image_uri`'s rules and ``read.max_bytes``), and a read reject reason each."""
-    out: list[bytes | None] = [None] * len(values)
-    reasons = [""] * len(values)
-    to_read: dict[int, str] = {}
-    for i, (value, p) in enumerate(zip(values, paths)):
-        if isinstance(value, dict):
-            value, p = value.get("bytes"), p or value.get("path")
-        if isinstance(value, (bytes, bytearray)):
-            out[i] = bytes(value)
-            continue
-        p = str(value if isinstance(value, str) and value else p or "")   # str image: a path
-        if p:
-            uri, reasons[i] = _image_uri(p.strip(), base, cfg)
-            if uri:
-                to_read[i] = uri
-    if to_read:
-        with ThreadPoolExecutor(8 if is_remote(base) else 1) as pool:
-            read = pool.map(lambda u: _read_blob(u, cfg.max_bytes), to_read.values())
-            for i, (data, reason) in zip(to_read, read):
-                out[i], reasons[i] = data, reason
-    return out, reasons
-
-
 def _table_columns(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
     """All columns of a CSV/TSV/JSONL/TXT file as lists (parquet is read by column)."""
     ext = _extension(uri)
@@ -389,7 +324,7 @@ def _read_table(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
         return columns[roles[role]] if roles[role] else [None] * n
 
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    images, reasons = _images(col("image"), col("image_path"), base, cfg)
+    images, reasons = read_images(col("image"), col("image_path"), base, cfg)
     return {schema.KEY: [None if v is None else str(v) for v in col("key")],
             schema.IMAGE: images, schema.REJECT_REASON: reasons,
             schema.TEXT: [_text_bytes(v) for v in col("text")],
@@ -446,7 +381,5 @@ def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:
     return {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
 
 
-__all__ = ["ARROW_SCHEMA", "COLUMNS", "FILE_TOO_LARGE", "IMAGE_PATH_NOT_A_FILE",
-           "IMAGE_PATH_OUTSIDE_INPUT", "INVALID_KEY", "READ_REASONS", "READ_STAGE",
-           "URL_BELONGS_IN_URL_COLUMN", "list_inputs", "read_file", "read_inputs",
-           "read_inputs_local"]
+__all__ = ["ARROW_SCHEMA", "COLUMNS", "INVALID_KEY", "READ_REASONS", "READ_STAGE", "list_inputs",
+           "read_file", "read_inputs", "read_inputs_local"]
