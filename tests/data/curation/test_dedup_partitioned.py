@@ -21,6 +21,7 @@ import pytest
 
 from vlmray.config.curation import DedupConfig, ScoreConfig
 from vlmray.data import schema
+from vlmray.data.curation import dedup_near as dn
 from vlmray.data.curation import dedup_partitioned as dp
 from vlmray.data.curation import scatter as sc
 from vlmray.data.curation.dedup import (
@@ -153,8 +154,8 @@ def test_band_keys_chosen_for_many_rows_give_the_same_decisions(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int) -> None:
     """The band keys a hundred million hashes get (longer keys, several per route) on a small
     table: the same pairs, so the same decisions."""
-    monkeypatch.setattr(dp, "band_blocks", lambda n, t: band_blocks(10**8, t))
-    groups = dp.routes(1500, threshold, 3)
+    monkeypatch.setattr(dn, "band_blocks", lambda n, t: band_blocks(10**8, t))
+    groups = dn.routes(1500, threshold, 3)
     assert max(len(g) - 1 for g in groups) > 1                # a route searches several keys
     cfg = DedupConfig(phash_threshold=threshold, max_caption_repeats=2)
     table = synthetic(1500, seed=threshold, threshold=threshold)
@@ -228,13 +229,13 @@ def test_scatter_writes_a_row_group_per_partition_and_gather_reads_one(tmp_path:
 @pytest.mark.parametrize("n,threshold,parts", [(1000, 4, 3), (10**8, 4, 200), (10**9, 8, 200),
                                                (10**5, 6, 16)])
 def test_routes_hold_every_band_key_once(n: int, threshold: int, parts: int) -> None:
-    groups = dp.routes(n, threshold, parts)
+    groups = dn.routes(n, threshold, parts)
     masks = [m for _, *ms in groups for m in ms]
     assert sorted(masks) == sorted(band_masks(n, threshold))
     for route, *ms in groups:
         assert all(route & m == route for m in ms)          # a route is part of its keys
         assert route.bit_count() >= min(min(m.bit_count() for m in ms),
-                                        np.log2(parts) + dp.ROUTE_SPREAD_BITS)
+                                        np.log2(parts) + dn.ROUTE_SPREAD_BITS)
     if n >= 10**8:
         assert len(groups) < len(masks) / 2                 # fewer copies of each hash
 
