@@ -1,6 +1,7 @@
 """Checkpoints: one directory holding ``state.pt`` (model, optimiser, scheduler, objective state,
-data position), ``config.json`` (enough to rebuild the model for evaluation), ``progress.json``
-(the position alone, readable without loading) and ``manifest.json``, written last.
+data position, the caller's ``extra``), ``config.json`` (enough to rebuild the model for
+evaluation), ``progress.json`` (the position alone, readable without loading) and
+``manifest.json``, written last.
 
 Two guarantees:
 
@@ -9,7 +10,7 @@ Two guarantees:
   ``torch.load(weights_only=True)``: a pickle that names any other callable is refused
   (:class:`UnsafeCheckpointError`) before anything of it runs. :func:`save_checkpoint` converts
   what would not load so (numpy arrays and scalars, dataclasses) and refuses anything else,
-  so a checkpoint that saves always loads.
+  so a checkpoint that saves always loads (``vlmray.train.plain``).
 - **A torn checkpoint is never used.** The manifest records the size and sha256 of the other
   three files. :func:`find_latest` returns the newest checkpoint whose files match it, and
   prints each newer one it skipped and why (a copy cut short by a crash, on local disk or NFS);
@@ -27,24 +28,22 @@ this); they load if they hold only plain types, and otherwise fail with a messag
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import pickle
 import tempfile
 import zipfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vlmray.data.storage import filesystem, is_remote, join, to_uri, write_bytes_atomic
+from vlmray.train.plain import pack_numpy, plain_state, unpack_numpy
 
 STATE = "state.pt"
 CONFIG = "config.json"
@@ -115,16 +114,20 @@ class Progress:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, progress: Progress, config: dict,
-                    objectives: nn.Module | None = None) -> Path:
+                    objectives: nn.Module | None = None, extra: dict | None = None) -> Path:
     """Writes the checkpoint directory ``path`` (local); the manifest goes last, atomically.
     ``objectives``: the objective mix, whose state (e.g. DeCLIP's feature queue) is saved
-    when it has any."""
+    when it has any. ``extra``: any other state (RNG states, a data cursor), nested dicts,
+    lists and tuples of tensors, plain types and numpy arrays and scalars; numpy arrays load
+    back as numpy arrays (``load_checkpoint(extra=...)``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "progress": asdict(progress)}
     if objectives is not None and objectives.state_dict():
         state["objectives"] = objectives.state_dict()
+    if extra is not None:
+        state["extra"] = pack_numpy(dict(extra))
     files = {STATE: _save_hashed(plain_state(state), path / STATE)}
     for name, doc in ((CONFIG, json.dumps(config, indent=1)),
                       (PROGRESS, json.dumps(asdict(progress)))):
@@ -134,50 +137,6 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     manifest = {"version": MANIFEST_VERSION, "step": progress.step, "files": files}
     write_bytes_atomic(str(path / MANIFEST), json.dumps(manifest, indent=1).encode())
     return path
-
-
-def plain_state(obj: Any, where: str = "state") -> Any:
-    """``obj`` as only tensors and plain types, which ``torch.load(weights_only=True)`` reads:
-    numpy arrays become tensors, numpy scalars Python numbers, dataclasses dicts, frozensets
-    sets, other dict/tuple subclasses plain dicts/tuples; anything else raises ``TypeError``
-    naming where it sits. Containers that need no change are returned as they are (a module's
-    ``state_dict`` keeps its ``_metadata``)."""
-    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_SCALARS:
-        return obj
-    if isinstance(obj, np.ndarray):
-        try:
-            return torch.from_numpy(np.array(obj, dtype=obj.dtype.newbyteorder("=")))
-        except TypeError as e:               # object, string, datetime arrays
-            raise TypeError(f"checkpoint {where}: a numpy array of {obj.dtype} has no tensor "
-                            f"type ({e}); convert it to numbers") from None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return plain_state(asdict(obj), where)
-    if isinstance(obj, dict):
-        items = [(plain_state(k, f"{where} key {k!r}"), plain_state(v, f"{where}[{k!r}]"))
-                 for k, v in obj.items()]
-        if type(obj) in (dict, OrderedDict) and all(
-                a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
-            return obj
-        out = (OrderedDict if isinstance(obj, OrderedDict) else dict)(items)
-        if hasattr(obj, "_metadata"):
-            out._metadata = obj._metadata          # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        kind = type(obj) if type(obj) in (list, tuple, set) else (
-            set if isinstance(obj, (set, frozenset)) else tuple)
-        if kind is type(obj) and all(a is b for a, b in zip(items, obj)):
-            return obj
-        return kind(items)
-    raise TypeError(f"checkpoint {where}: {type(obj).__module__}.{type(obj).__qualname__} is "
-                    f"not a tensor or a plain type; convert it in the state_dict that returns "
-                    f"it (checkpoints hold only tensors and plain types, so loading them can "
-                    f"never run code)")
-
-
-_PLAIN_SCALARS = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
 
 class _HashingWriter:
@@ -207,11 +166,13 @@ def _save_hashed(state: dict, file: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    objectives: nn.Module | None = None) -> Progress:
+                    objectives: nn.Module | None = None,
+                    extra: dict | None = None) -> Progress:
     """Restores what is given in place from the checkpoint at ``path`` (a local directory or a
     URI, copied to a temporary directory first); returns the saved progress. Its files are
     checked against the manifest before anything is loaded (:class:`IncompleteCheckpointError`)
-    and ``state.pt`` is read with ``weights_only=True`` (:class:`UnsafeCheckpointError`)."""
+    and ``state.pt`` is read with ``weights_only=True`` (:class:`UnsafeCheckpointError`).
+    ``extra``: a dict updated with the ``extra`` saved (nothing for a checkpoint without)."""
     with local_copy(path) as d:
         fs, base = filesystem(str(d))
         problem = _problem(fs, base, contents=True)
@@ -225,6 +186,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module,
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if extra is not None:
+        extra.update(unpack_numpy(state.get("extra", {})))
     return Progress.from_dict(state["progress"])
 
 
