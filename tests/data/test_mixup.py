@@ -1,5 +1,6 @@
 """Coin-flip mixup stage (vlmray.data.mixup): token concatenation on known captions, the pixel
-formula, prob 0 is the identity, prob 1 mixes every row, labels, config checks.
+formula, prob 0 is the identity, prob 1 mixes every row, labels, config checks, and draws
+fixed by (seed, epoch, row ids).
 
     pytest tests/data/test_mixup.py -q
 """
@@ -106,6 +107,40 @@ def test_stage_is_deterministic_given_a_seed_and_draws_per_row() -> None:
     assert all(np.array_equal(one[k], two[k]) for k in b)
     changed = (one[schema.TOKEN_MASK].sum(1) != b[schema.TOKEN_MASK].sum(1)).mean()
     assert 0.3 < changed < 0.7
+
+
+def with_ids(batch: dict[str, np.ndarray], start: int = 0) -> dict[str, np.ndarray]:
+    n = len(batch[schema.PIXELS])
+    return {**batch, schema.ROW_ID: np.arange(start, start + n, dtype=np.int64) + (2 << 32)}
+
+
+def test_epoch_and_row_ids_fix_the_mixing_in_any_instance() -> None:
+    b = with_ids(make_batch([f"w{i}" for i in range(64)], length=8))
+    cfg = MixupConfig(prob=0.5)
+    one, two = MixupStage(cfg, epoch=4)(b), MixupStage(cfg, epoch=4)(b)
+    assert set(one) == set(b) and all(np.array_equal(one[k], two[k]) for k in b)
+    np.testing.assert_array_equal(one[schema.ROW_ID], b[schema.ROW_ID])   # passes through
+    assert one[schema.ROW_ID].dtype == np.int64
+    assert not np.array_equal(one[schema.PIXELS], b[schema.PIXELS])        # it did mix
+    others = [MixupStage(cfg, epoch=5)(b),                                  # another epoch
+              MixupStage(cfg, epoch=4)(with_ids(b, start=64)),             # other rows
+              MixupStage(cfg, seed=1, epoch=4)(b)]                         # another seed
+    for other in others:
+        assert not np.array_equal(one[schema.PIXELS], other[schema.PIXELS])
+    same = MixupStage(cfg, seed=0, epoch=4)(b)                              # seed None is 0
+    assert all(np.array_equal(one[k], same[k]) for k in b)
+
+
+def test_without_epoch_or_row_ids_the_old_behaviour_holds() -> None:
+    b = make_batch([f"w{i}" for i in range(64)], length=8)
+    cfg = MixupConfig(prob=0.5)
+    seeded = MixupStage(cfg, seed=7)(b)
+    for stage, batch in ((MixupStage(cfg, seed=7), with_ids(b)),
+                         (MixupStage(cfg, seed=7, epoch=1), b)):
+        out = stage(batch)
+        assert all(np.array_equal(out[k], seeded[k]) for k in b)
+    fresh = MixupStage(cfg, epoch=1)
+    assert not np.array_equal(fresh(b)[schema.PIXELS], fresh(b)[schema.PIXELS])
 
 
 def test_mixup_config_checks() -> None:

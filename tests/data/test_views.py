@@ -1,13 +1,15 @@
 """The augmented-views stage (``vlmray.data.views.ViewStage``) and its operations.
 
 Shapes and dtypes of every view kind, crop statistics on images of known content, flips, BERT
-masking statistics, the derived texts, config checks, and one run on a real local Ray.
+masking statistics, the derived texts, config checks, one run on a real local Ray, and views
+fixed by (views.seed, epoch, row ids) in any instance and process.
 
     pytest tests/data/test_views.py -q
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +278,56 @@ def test_ray_ingest_then_views(ray_local, tmp_path: Path) -> None:
     for name, (shape, dtype) in expect.items():
         assert tuple(batch[name].shape) == shape and batch[name].dtype == dtype, name
     assert (batch[schema.MLM_LABELS] != IGNORE_INDEX).any(1).all()
+
+
+# --- randomness keyed by (views.seed, epoch, row ids) -------------------------------------------
+
+
+def with_ids(batch: dict[str, np.ndarray], start: int = 5 << 32) -> dict[str, np.ndarray]:
+    """``batch`` with a ROW_ID column (file 5's rows start..)."""
+    ids = np.arange(start, start + len(batch[schema.PIXELS]), dtype=np.int64)
+    return {**batch, schema.ROW_ID: ids}
+
+
+def _views_in_a_process(cfg: DataConfig, batch: dict[str, np.ndarray],
+                        epoch: int) -> dict[str, np.ndarray]:
+    return ViewStage(cfg, epoch=epoch)(batch)
+
+
+def test_epoch_and_row_ids_fix_the_views_in_any_instance_and_process() -> None:
+    cfg = DataConfig(views=ViewsConfig(**ALL, seed=11))
+    batch = with_ids(rows(cfg))
+    first = ViewStage(cfg, epoch=2)
+    first(with_ids(rows(cfg), start=0))                      # calls before do not matter
+    one = first(batch)
+    two = ViewStage(cfg, epoch=2)(batch)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        three = pool.apply(_views_in_a_process, (cfg, batch, 2))
+    assert set(one) == set(two) == set(three)
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+        np.testing.assert_array_equal(one[k], three[k], err_msg=k)
+    np.testing.assert_array_equal(one[schema.ROW_ID], batch[schema.ROW_ID])  # passes through
+    assert one[schema.ROW_ID].dtype == np.int64
+
+
+def test_another_epoch_seed_or_rows_draw_other_views() -> None:
+    cfg = DataConfig(views=ViewsConfig(image=["global"], mlm_prob=0.15))
+    batch = with_ids(rows(cfg))
+    base = ViewStage(cfg, epoch=0)(batch)
+    others = [ViewStage(cfg, epoch=1)(batch),
+              ViewStage(cfg, epoch=0)(with_ids(batch, start=6 << 32)),
+              ViewStage(DataConfig(views=ViewsConfig(image=["global"], mlm_prob=0.15,
+                                                     seed=1)), epoch=0)(batch)]
+    for other in others:
+        a, b = base[schema.PIXELS_VIEWS], other[schema.PIXELS_VIEWS]
+        assert (a != b).any(axis=(1, 2, 3, 4)).mean() > 0.5                 # most rows
+        assert not np.array_equal(base[schema.MLM_TOKENS], other[schema.MLM_TOKENS])
+
+
+def test_without_epoch_or_row_ids_each_call_draws_afresh() -> None:
+    cfg = DataConfig(views=ViewsConfig(image=["global"]))
+    for stage, batch in ((ViewStage(cfg), with_ids(rows(cfg))),
+                         (ViewStage(cfg, epoch=3), rows(cfg))):
+        a, b = stage(batch)[schema.PIXELS_VIEWS], stage(batch)[schema.PIXELS_VIEWS]
+        assert (a != b).any(axis=(1, 2, 3, 4)).mean() > 0.5

@@ -94,7 +94,7 @@ class ViewsConfig:
     render_text: bool = False
     """Draw each caption onto an image (``schema.TEXT_PIXELS``) for CLIPPO's shared tower."""
     seed: int = 0
-    """Seed of the view randomness (mixed with call counters and the process id: see above)."""
+    """Seed of the view randomness (with the epoch and row ids, else call counters and pid)."""
     caption_sampling: Literal["original", "uniform"] = "original"
     """``original``: TOKENS is the row's caption. ``uniform`` (La-CLIP): each time a row is
     seen, TOKENS / TOKEN_MASK become one of its non-empty TOKENS_AUG slots (the original

@@ -29,6 +29,7 @@ import numpy as np
 
 from vlmray.config.data import MixupConfig
 from vlmray.data import schema
+from vlmray.data.augment import rows_rng
 
 
 def partners(n: int) -> np.ndarray:
@@ -83,17 +84,25 @@ def mix_rows(batch: dict[str, np.ndarray], mixed: np.ndarray,
 
 class MixupStage:
     """Ray Data batch function (numpy format) applying coin-flip mixup; light and picklable.
-    ``seed`` (tests) fixes the draws; by default each call draws fresh randomness, so every
-    epoch mixes differently."""
+    With ``epoch`` and a batch holding ``schema.ROW_ID``, the draws are seeded from (``seed``
+    or 0, the epoch, the batch's row ids) (``vlmray.data.augment.rows_rng``): the same rows in
+    the same epoch mix the same way in any process, and each epoch differently. Otherwise
+    ``seed`` (tests) fixes the draws, and without it each call draws fresh randomness, so
+    every epoch mixes differently. ROW_ID passes through unchanged (a mixed row keeps its
+    own)."""
 
-    def __init__(self, cfg: MixupConfig, seed: int | None = None) -> None:
-        self.prob, self.alpha, self.seed = cfg.prob, cfg.alpha, seed
+    def __init__(self, cfg: MixupConfig, seed: int | None = None,
+                 epoch: int | None = None) -> None:
+        self.prob, self.alpha, self.seed, self.epoch = cfg.prob, cfg.alpha, seed, epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[schema.PIXELS])
         if self.prob <= 0 or n < 2:
             return batch
-        rng = np.random.default_rng(self.seed)
+        if self.epoch is not None and schema.ROW_ID in batch:
+            rng = rows_rng(self.seed or 0, self.epoch, batch[schema.ROW_ID])
+        else:
+            rng = np.random.default_rng(self.seed)
         mixed = rng.random(n) < self.prob
         lam = rng.beta(self.alpha, self.alpha, size=n)
         return mix_rows(batch, mixed, np.maximum(lam, 1.0 - lam))

@@ -13,12 +13,16 @@ when an objective asks for them (``vlmray.models.outputs``).
 
     ds = ds.map_batches(ViewStage(cfg.data), batch_format="numpy")   # vlmray.data.augment
 
-Randomness: each call draws from a fresh ``numpy.random.Generator`` seeded with
+Randomness: given the epoch (``ViewStage(cfg, epoch=e)``, from ``augment_train``) and a batch
+with ``schema.ROW_ID``, the batch draws from a generator seeded with (``views.seed``, the epoch,
+a hash of the batch's row ids) (``vlmray.data.augment.rows_rng``): the same rows in the same
+epoch get the same views in any process and after a resume, and each epoch gets new ones.
+Otherwise each call draws from a fresh ``numpy.random.Generator`` seeded with
 ``(views.seed, this instance's call counter, this process's call counter, os.getpid())``. Ray
 Data unpickles a fresh copy of the stage per task, so the instance counter alone would restart
 at 0 in every task; the process-wide counter and the pid make every batch of every epoch, on
-every worker, draw differently. Views are therefore not reproducible run to run (the pid and
-Ray's scheduling enter); ``views.seed`` only shifts the whole stream.
+every worker, draw differently. Those views are not reproducible run to run (the pid and Ray's
+scheduling enter); ``views.seed`` only shifts the whole stream.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlmray.data import schema
+from vlmray.data.augment import rows_rng
 from vlmray.data.ingest import cached_tokenizer
 from vlmray.data.render import render_texts
 from vlmray.data.view_ops import (
@@ -58,12 +63,13 @@ class ViewStage:
     and TEXT_PIXELS (B, 3, S, S) uint8, as configured. With ``caption_sampling="uniform"``
     TOKENS / TOKEN_MASK are first redrawn from TOKENS_AUG / TOKEN_MASK_AUG (B, T, L), which are
     then dropped (no objective reads them); a batch without them keeps its captions (as rows
-    whose ``texts_aug`` is missing). Holds only light, picklable settings; the tokenizer is
-    built once per worker process (``cached_tokenizer``).
+    whose ``texts_aug`` is missing). ROW_ID, when present, passes through unchanged and, with
+    ``epoch``, seeds the batch's draws (module docstring). Holds only light, picklable
+    settings; the tokenizer is built once per worker process (``cached_tokenizer``).
     """
 
-    def __init__(self, cfg: DataConfig) -> None:
-        self.views = cfg.views
+    def __init__(self, cfg: DataConfig, epoch: int | None = None) -> None:
+        self.views, self.epoch = cfg.views, epoch
         self.tokenizer_args = (cfg.tokenizer, cfg.vocab_size, cfg.context_length)
         self._calls = 0
         if self.views.mlm_prob > 0:
@@ -72,13 +78,15 @@ class ViewStage:
     def _tokenizer(self) -> Tokenizer:
         return cached_tokenizer(*self.tokenizer_args)
 
-    def _rng(self) -> np.random.Generator:
+    def _rng(self, batch: dict[str, np.ndarray]) -> np.random.Generator:
+        if self.epoch is not None and schema.ROW_ID in batch:
+            return rows_rng(self.views.seed, self.epoch, batch[schema.ROW_ID])
         self._calls += 1
         return np.random.default_rng([self.views.seed % 2**63, self._calls, next(_PROCESS_CALLS),
                                       os.getpid()])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        v, rng = self.views, self._rng()
+        v, rng = self.views, self._rng(batch)
         out = {k: col for k, col in batch.items() if k != schema.TEXT}
         if v.caption_sampling == "uniform" and schema.TOKENS_AUG in batch:
             out[schema.TOKENS], out[schema.TOKEN_MASK] = sample_captions(
@@ -137,6 +145,7 @@ class ViewStage:
             masks.append(m)
         return np.stack(ids, axis=1), np.stack(masks, axis=1)
 
+
 def sample_captions(tokens: np.ndarray, mask: np.ndarray, tokens_aug: np.ndarray,
                     mask_aug: np.ndarray,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -154,5 +163,4 @@ def sample_captions(tokens: np.ndarray, mask: np.ndarray, tokens_aug: np.ndarray
     return out_t, out_m
 
 
-__all__ = [ "ViewStage",
-           "sample_captions"]
+__all__ = ["ViewStage", "sample_captions"]
