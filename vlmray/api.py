@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +157,7 @@ def _run(cfg: Config, run_dir: str, *, resume: bool, t0: float) -> RunResult:
     """The work of :func:`run` once every check passed: data, ingest, training, summary."""
     from vlmray.data.outputs import claim_output
     from vlmray.data.placement import apply_budget
+    from vlmray.pipelines.training import training_feed
     from vlmray.train.checkpoint import find_latest
     from vlmray.train.history import read_events, read_history
     from vlmray.train.report import dedup_by_step, write_json, write_summary
@@ -170,17 +170,18 @@ def _run(cfg: Config, run_dir: str, *, resume: bool, t0: float) -> RunResult:
     apply_budget(cfg.data.placement)     # before any plan is built: datasets copy the context
     plan = _retrieval(cfg, train_uri, eval_uri, run_dir)
     cfg = plan.config if plan else cfg
-    trains, sizes, ingest_done = _ingest(cfg, run_dir, train_uris, plan)
+    feed = training_feed(cfg, run_dir, train_uris, plan)
     latest = find_latest(join(run_dir, "ray")) if resume else None
     launch = uuid.uuid4().hex[:12]
-    datasets, sizes = _train_datasets(cfg, trains, sizes)
-    trainer = build_trainer(cfg, datasets, run_dir=run_dir, eval_uri=eval_uri,
+    sizes = feed.sizes
+    trainer = build_trainer(cfg, feed.datasets, run_dir=run_dir, eval_uri=eval_uri,
                             resume_from=str(latest) if latest else None, launch=launch,
-                            eval_refs=plan.eval_refs if plan else "", source_sizes=sizes)
+                            eval_refs=plan.eval_refs if plan else "", source_sizes=sizes,
+                            feeds=feed.feeds)
     write_json(join(run_dir, "config.json"), cfg.to_dict())   # the run starts: now it is one
     result = trainer.fit()
     rows = dedup_by_step(read_history(run_dir))
-    summary = _summarise(rows, ingest_done(), time.perf_counter() - t0)
+    summary = _summarise(rows, feed.summary(), time.perf_counter() - t0)
     summary.update(_attempts(read_events(run_dir), rows, launch), finished_at=time.time())
     if sizes:
         summary["source_sizes"] = sizes          # what single-source sampling drew by
@@ -188,59 +189,6 @@ def _run(cfg: Config, run_dir: str, *, resume: bool, t0: float) -> RunResult:
     summary["checkpoint"] = checkpoint
     write_summary(run_dir, summary, rows)
     return RunResult(run_dir=run_dir, metrics=summary, checkpoint=checkpoint)
-
-
-def _ingest(cfg: Config, run_dir: str, train_uris: list[str],
-            plan: Any) -> tuple[list[Any], list[int], Callable[[], dict[str, Any]]]:
-    """(each source's training dataset, source sizes, a function giving the ingest summary
-    once training has read the rows). Fails before Ray Train starts when a source has no
-    accepted row (:func:`_check_accepted`)."""
-    from vlmray.data.stream import stream_summary
-    from vlmray.pipelines.feed import run_ingest, stream_ingest
-
-    kwargs = [{"rejects_uri": join(run_dir, _rejects_dir(k)),
-               "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
-               "retrieval": plan.stages if plan and k == 0 else None}
-              for k in range(len(train_uris))]
-    if cfg.data.cache:
-        ingests = [run_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
-        _check_accepted(cfg, run_dir, [i.rows_accepted > 0 for i in ingests],
-                        lambda: [i.summary() for i in ingests])
-        summary = _ingest_summary(cfg, [i.summary() for i in ingests])
-        print(f"[vlmray] ingest (cached in memory): {summary}", flush=True)
-        return [i.train for i in ingests], [i.rows_accepted for i in ingests], lambda: summary
-    streams = [stream_ingest(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
-    trains = [train for train, _ in streams]
-    # One row is enough to know a source yields any: the peek reads until the first accepted
-    # row (every row only when all are rejected); the tally counts each row once all the same.
-    _check_accepted(cfg, run_dir, [bool(t.limit(1).take(1)) for t in trains],
-                    lambda: [stream_summary(tally) for _, tally in streams])
-    single = cfg.data.sampling == "single_source"
-    sizes = _source_rows(train_uris, cfg.data.placement) if single else [0] * len(streams)
-    print("[vlmray] ingest: streaming (counts follow training)", flush=True)
-
-    def summary() -> dict[str, Any]:
-        s = _ingest_summary(cfg, [stream_summary(tally) for _, tally in streams])
-        print(f"[vlmray] ingest (streamed): {s}", flush=True)
-        return s
-
-    return trains, sizes, summary
-
-
-def _check_accepted(cfg: Config, run_dir: str, nonempty: list[bool],
-                    summaries: Callable[[], list[dict[str, Any]]]) -> None:
-    """Raises ``ConfigError`` (before Ray Train starts) for the first source whose every row
-    was rejected, with its counts by reason and where the rejected rows are."""
-    if all(nonempty):
-        return
-    k = nonempty.index(False)
-    s = summaries()[k]
-    spec = [cfg.data.source, *cfg.data.extra_sources][k]
-    raise ConfigError(
-        f"every row of the training source {spec!r} was rejected ({s['rows_in']} rows in, "
-        f"by reason: {s['reject_reasons']}; the rows are in {join(run_dir, _rejects_dir(k))}): "
-        f"nothing to train on. Fix the data, or loosen the settings that reject its rows "
-        f"(data.min_image_side, data.max_text_chars, data.curation.*)")
 
 
 def _write_failure(run_dir: str, error: Exception, wall_s: float) -> None:
@@ -256,59 +204,6 @@ def _write_failure(run_dir: str, error: Exception, wall_s: float) -> None:
                     "error": f"{type(error).__name__}: {error}", "finished_at": time.time()})
     except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
         print(f"[vlmray] could not write metrics.json of the failed run: {e}", flush=True)
-
-
-def _source_rows(uris: list[str], placement: Any = None) -> list[int]:
-    """Rows per training source for single-source sampling, from a streamed counting pass
-    over each source's input files (raw rows: deterministic, so a resumed run draws the same
-    sources; only one count per block reaches the driver)."""
-    from vlmray.data import schema
-    from vlmray.data.ingest import read_shards
-    from vlmray.data.placement import remote_args
-
-    def count(batch: dict[str, Any]) -> dict[str, Any]:
-        return {"n": [len(batch[schema.ROW_ID])]}
-
-    return [int(sum(int(r["n"]) for r in read_shards(uri, placement)
-                    .select_columns([schema.ROW_ID])
-                    .map_batches(count, batch_size=None, **remote_args(placement, 0.25))
-                    .iter_rows()))
-            for uri in uris]
-
-
-def _rejects_dir(k: int) -> str:
-    """Where source k's rejected rows are written: ``rejects`` (k = 0), ``rejects-<k>``."""
-    return "rejects" if k == 0 else f"rejects-{k}"
-
-
-def _ingest_summary(cfg: Config, per: list[dict[str, Any]]) -> dict[str, Any]:
-    """One source: its ingest summary. Several: the totals over all sources (reasons summed)
-    and ``sources``, each source's own summary with its spec and rejects directory."""
-    if len(per) == 1:
-        return per[0]
-    reasons: dict[str, int] = {}
-    for s in per:
-        for reason, n in s["reject_reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    specs = [cfg.data.source, *cfg.data.extra_sources]
-    return {**{k: sum(s[k] for s in per) for k in ("rows_in", "rows_accepted", "rows_rejected")},
-            "reject_reasons": reasons,
-            "sources": [{"source": spec, "rejects": _rejects_dir(k), **s}
-                        for k, (spec, s) in enumerate(zip(specs, per))]}
-
-
-def _train_datasets(cfg: Config, trains: list[Any],
-                    sizes: list[int]) -> tuple[dict[str, Any], list[int] | None]:
-    """The Ray Train datasets, each with the per-epoch random stages, and the source sizes
-    single-source sampling draws by (None when all rows form one stream)."""
-    from vlmray.data.augment import augment_train
-    from vlmray.train.loop import dataset_name
-
-    if cfg.data.sampling == "single_source":
-        return ({dataset_name(k): augment_train(cfg.data, ds) for k, ds in enumerate(trains)},
-                sizes)
-    stream = trains[0].union(*trains[1:]) if len(trains) > 1 else trains[0]
-    return {dataset_name(0): augment_train(cfg.data, stream)}, None
 
 
 def _retrieval(cfg: Config, train_uri: str, eval_uri: str, run_dir: str) -> Any:

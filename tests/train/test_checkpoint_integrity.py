@@ -36,7 +36,7 @@ from vlmray.train.checkpoint import (
     verify_checkpoint,
 )
 from vlmray.train.history import read_events
-from vlmray.train.loop import _restore
+from vlmray.train.restore import restore as _restore
 from vlmray.train.state import build_state
 
 

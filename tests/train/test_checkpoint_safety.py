@@ -38,7 +38,7 @@ from vlmray.train.checkpoint import (
     plain_state,
     save_checkpoint,
 )
-from vlmray.train.loop import _restore
+from vlmray.train.restore import restore as _restore
 from vlmray.train.state import build_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -21,7 +21,8 @@ from vlmray.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vlmray.train.loop import _checkpoint_at, _checkpoint_step
+from vlmray.train.restore import checkpoint_at as _checkpoint_at
+from vlmray.train.restore import checkpoint_step as _checkpoint_step
 from vlmray.train.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

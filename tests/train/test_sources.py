@@ -207,7 +207,7 @@ def test_datasets_per_sampling_mode(ray_local) -> None:
     each as its own dataset with the sizes the choice draws by."""
     import ray.data
 
-    from vlmray.api import _train_datasets
+    from vlmray.pipelines.training import _train_datasets
 
     parts = [ray.data.from_items([{"id": i} for i in range(n)]) for n in (6, 4)]
     cfg = vlmray.recipe("zerovl_tiny", **{"data.mixup.prob": 0.0})

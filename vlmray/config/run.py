@@ -80,6 +80,7 @@ def _positive(hi: float | None = None) -> Bound:
 DATA_BOUNDS = {"image_size": _count(1), "min_image_side": _count(0),
                "max_text_chars": _count(1), "context_length": _count(3),
                "vocab_size": _count(5), "shuffle_buffer": _count(0), "regions": _count(0),
+               "unit_rows": _count(1),
                "max_texts_aug": _count(1)}
 """Ranges of DataConfig's numbers (the hash tokenizer needs 4 special ids + 1 and
 BOS + a word + EOS)."""
@@ -151,7 +152,15 @@ class DataConfig:
     vocab_size: int = 8192
     """Vocabulary size of the ``hash`` tokenizer."""
     shuffle_buffer: int = 2048
-    """Rows in each worker's local shuffle buffer (0 turns shuffling off)."""
+    """Rows in each worker's local shuffle buffer with ``cache`` on (Ray's order, 0: off).
+    The streamed feed shuffles by its epoch order instead (``unit_rows``)."""
+    unit_rows: int = 256
+    """The streamed feed's epoch order (:mod:`vlmray.data.order`): input files are cut into
+    units of this many rows, permuted per epoch by (train.seed, epoch), dealt to the training
+    workers, and read in a per-unit permutation, so every worker's rows at every step depend
+    on the seed, the epoch, the world size and the inputs alone, and a checkpoint names the
+    next unread row of each worker. Smaller: finer mixing across files and a shorter
+    end-of-epoch tail (at most about one unit per worker), more read tasks."""
     curate: bool = False
     """Run the curation stages (text, image, [score], dedup; settings below) as a streaming
     prefix of training: no curated copy is written, rejects land in ``<run>/rejects``."""

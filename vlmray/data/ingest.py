@@ -68,7 +68,8 @@ DECODE_CPUS, SPLIT_CPUS = 0.5, 0.25
 """Per task. Data tasks run beside the training workers (0.5 CPU each on a CPU node) and the
 actors of retrieval stages, which hold their CPUs for the whole run: whole-core tasks could
 never be scheduled on a 2-core node then, and the stream would wait forever."""
-_PASS_THROUGH = (schema.ROW_ID, schema.SHA256, schema.PHASH, schema.TEXT_SIG, schema.CLIP_SCORE,
+_PASS_THROUGH = (schema.ROW_ID, schema.LANE_POS, schema.SHA256, schema.PHASH, schema.TEXT_SIG,
+                 schema.CLIP_SCORE,
                  schema.DUPLICATE_OF, *REFERENCE_COLUMNS, *FALLBACK_COLUMNS)
 
 

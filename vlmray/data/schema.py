@@ -70,6 +70,7 @@ SYNTHETIC_TOKEN_MASK = "synthetic_token_mask"  # int64 (L,)
 URL = "url"                        # str: where the image was downloaded from (URL-list inputs)
 SOURCE = "source"                  # str: the input file a row was read from
 ROW_ID = "row_id"                  # int64: (input file index << 32) | row index; input order
+LANE_POS = "lane_pos"              # int64: (item << 32) | position in a worker's lane (data.order)
 WIDTH = "width"                    # int: image width after orientation fix, before re-encode
 HEIGHT = "height"                  # int: image height after orientation fix, before re-encode
 SHA256 = "sha256"                  # str: hex digest of the original image bytes (exact dedup)
@@ -94,7 +95,7 @@ __all__ = [
     "TEXT_PIXELS", "PATCH_MASK", "REGION_BOXES", "REGION_SPANS", "REGION_MASK",
     "COMPLETION_TOKENS", "COMPLETION_MASK", "COMPLETION_CONCEPTS", "REWRITE_FALLBACKS",
     "CAPTION_FALLBACK", "TOKENS_AUG", "TOKEN_MASK_AUG", "SYNTHETIC_TOKENS",
-    "SYNTHETIC_TOKEN_MASK", "URL", "SOURCE", "ROW_ID",
+    "SYNTHETIC_TOKEN_MASK", "URL", "SOURCE", "ROW_ID", "LANE_POS",
     "WIDTH", "HEIGHT", "SHA256", "PHASH", "TEXT_SIG", "CLIP_SCORE", "REPAIRS", "DUPLICATE_OF",
     "REJECT_REASON", "REJECT_STAGE", "WDS_SUFFIX",
 ]

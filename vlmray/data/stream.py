@@ -92,6 +92,24 @@ class StreamTally:
             self.seen[f] = bits = grown
         return bits
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything counted so far, as plain types and arrays (saved in checkpoints)."""
+        files = sorted(self.seen)
+        return {"files": np.asarray(files, dtype=np.int64),
+                "bits": [self.seen[f] for f in files], "rows_in": self.rows_in,
+                "reasons": dict(self.reasons),
+                "fallbacks": {k: dict(c) for k, c in self.fallbacks.items()}}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Replaces the counts with a :meth:`snapshot`'s: rows counted then stay counted, rows
+        read since are counted again when re-read (a resumed run re-reads them)."""
+        self.seen = {int(f): np.array(b, dtype=np.uint8)
+                     for f, b in zip(np.asarray(snap["files"]).tolist(), snap["bits"])}
+        self.rows_in = int(snap["rows_in"])
+        self.reasons = Counter({str(k): int(v) for k, v in snap["reasons"].items()})
+        self.fallbacks = {str(k): Counter({str(r): int(n) for r, n in c.items()})
+                          for k, c in snap["fallbacks"].items()}
+
     def totals(self) -> dict[str, Any]:
         rejected = sum(self.reasons.values())
         return {"rows_in": self.rows_in, "rows_accepted": self.rows_in - rejected,

@@ -23,6 +23,7 @@ This module composes stages of several layers (data, rewrite, the scoring model 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +52,18 @@ if TYPE_CHECKING:
 
     from vlmray.config import DataConfig
 
-def source_plan(cfg: DataConfig, uri: str, cache_root: str) -> tuple[Any, list[Stage]]:
-    """(a function building the lazy plan of source rows, the stages that follow it) for the
-    rows of ``uri``, running what must run once first:
+@dataclass
+class Source:
+    """The rows of a training source: ``read()`` builds their lazy plan, ``stages`` follow it;
+    ``staged`` is where a URL list's rows were staged (read those files instead), or ""."""
+
+    read: Callable[[], ray.data.Dataset]
+    stages: list[Stage]
+    staged: str = ""
+
+
+def source_plan(cfg: DataConfig, uri: str, cache_root: str) -> Source:
+    """The :class:`Source` of the rows of ``uri``, running what must run once first:
 
     - a URL list (img2dataset-style csv/tsv/jsonl/parquet) is downloaded once: pass 1 streams
       read -> download -> [curation row stages] to parquet under ``<cache_root>/staged`` and
@@ -78,15 +88,15 @@ def source_plan(cfg: DataConfig, uri: str, cache_root: str) -> tuple[Any, list[S
     else:
         staged, read = "", (lambda: read_shards(uri, where))
     if not globals_:
-        return read, rows
+        return Source(read, rows, staged)
     summary = global_decisions(lambda: apply_row_stages(read(), rows, where), globals_,
                                cache_root, fingerprint=fp, staged=staged,
                                remote_args=remote_args(where, 1.0))
-    return read, [*rows, *decision_stages(summary["decisions"], globals_)]
+    return Source(read, [*rows, *decision_stages(summary["decisions"], globals_)], staged)
 
 
 def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None,
-                 source: tuple[Any, list[Stage]] | None = None) -> ray.data.Dataset:
+                 source: Source | None = None) -> ray.data.Dataset:
     """Lazy plan: read -> [curation stages and their decisions: ``source``, from
     :func:`source_plan`] -> [rewrite / caption stages] -> [retrieval stages] ->
     decode/validate/tokenise. Rows carry REJECT_REASON ("" = kept) and REJECT_STAGE.
@@ -94,8 +104,8 @@ def build_ingest(cfg: DataConfig, uri: str, *, retrieval: list | None = None,
     ``data.retrieval``; ``data.rewrite`` adds TEXTS_AUG, REWRITE_FALLBACKS, SYNTHETIC_CAPTION and
     CAPTION_FALLBACK to every row (:func:`vlmray.rewrite.stage.rewrite_plan`)."""
     where = cfg.placement
-    read, stages = source or ((lambda: read_shards(uri, where)), [])
-    rows = apply_row_stages(read(), stages, where)
+    source = source or Source(lambda: read_shards(uri, where), [])
+    rows = apply_row_stages(source.read(), source.stages, where)
     if cfg.rewrite.enabled:
         rows = rewrite_plan(rows, cfg.rewrite)
     if retrieval:
@@ -162,4 +172,4 @@ def run_ingest(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
                         s["reject_reasons"], fallbacks)
 
 
-__all__ = ["IngestResult", "build_ingest", "run_ingest", "source_plan", "stream_ingest"]
+__all__ = ["IngestResult", "Source", "build_ingest", "run_ingest", "source_plan", "stream_ingest"]

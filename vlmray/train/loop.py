@@ -14,13 +14,12 @@ checkpoint is never written from weights that are not finite.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,21 +30,15 @@ import torch
 from torch import nn
 
 from vlmray.config import Config
-from vlmray.data.sources import choose_source
-from vlmray.data.storage import arrow_filesystem, is_remote, join
 from vlmray.distributed import Dist
 from vlmray.objectives.base import Metric, host_metrics
-from vlmray.train.checkpoint import (
-    PROGRESS,
-    IncompleteCheckpointError,
-    Progress,
-    SourcePosition,
-    find_latest,
-    load_checkpoint,
-    save_checkpoint,
-)
+from vlmray.train import rng
+from vlmray.train.checkpoint import save_checkpoint
 from vlmray.train.history import History, log_event, read_events
+from vlmray.train.lanes import ROW_LOG_ENV, LaneStreams, start_cursors
+from vlmray.train.restore import restore
 from vlmray.train.state import TrainState, build_state
+from vlmray.train.streams import Streams, dataset_name
 
 FAULT_AT_STEP_ENV = "VLMRAY_FAULT_AT_STEP"
 """Test-only: the step after which rank 0 kills its own process once (see _maybe_inject_fault)."""
@@ -64,64 +57,6 @@ def _set_threads(cfg: Config) -> None:
         local = max(1, ray.train.get_context().get_local_world_size())
         n = max(1, len(os.sched_getaffinity(0)) // local)  # cores this process may use
     torch.set_num_threads(n)
-
-
-def _batches(shard: Any, cfg: Config, local_bs: int, pos: Progress | SourcePosition,
-             salt: int = 0) -> Iterator[dict]:
-    """Endless epochs over this worker's shard, resuming at ``pos`` (its ``epoch`` and
-    ``batch_in_epoch``; the caller counts each batch it trains on). ``salt`` (the source
-    index) gives each source its own shuffle order."""
-    while True:
-        it = shard.iter_torch_batches(
-            batch_size=local_bs, drop_last=True,
-            prefetch_batches=cfg.data.placement.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 100_003 + pos.epoch + salt * 7_919)
-        seen = 0
-        for i, batch in enumerate(it):
-            seen += 1
-            if i < pos.batch_in_epoch:
-                continue  # already trained on before the restart
-            yield batch
-        if seen == 0:
-            raise RuntimeError(f"a worker's shard holds fewer rows than one batch ({local_bs})")
-        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-
-
-def dataset_name(k: int) -> str:
-    """The Ray Train dataset name of training source k (``train``, ``train_1``, ...)."""
-    return "train" if k == 0 else f"train_{k}"
-
-
-class Streams:
-    """A worker's training data: one stream (``data.sampling="mixed"``), or one iterator per
-    source with ZeroVL's per-step choice (``source_sizes`` given: ``"single_source"``).
-    ``shards[k]`` is source k's data (anything with ``iter_torch_batches``: the worker's
-    dataset shard); positions live in ``progress``, so a checkpoint resumes every stream."""
-
-    def __init__(self, cfg: Config, local_bs: int, progress: Progress, shards: list[Any],
-                 source_sizes: list[int] | None = None) -> None:
-        self.seed, self.sizes = cfg.train.seed, source_sizes
-        if source_sizes is None:
-            self.positions: list[Progress | SourcePosition] = [progress]
-        else:
-            self.positions = list(progress.positions(len(source_sizes)))
-        if len(shards) != len(self.positions):
-            raise ValueError(f"{len(shards)} data shards for {len(self.positions)} sources")
-        self.iters = [_batches(shard, cfg, local_bs, pos, salt=k)
-                      for k, (shard, pos) in enumerate(zip(shards, self.positions))]
-
-    def next(self, step: int) -> tuple[int, dict]:
-        """(source index, local batch) for optimiser step ``step`` (0-based)."""
-        k = 0 if self.sizes is None else choose_source(self.seed, step, self.sizes)
-        return k, next(self.iters[k])
-
-    def trained(self, k: int, progress: Progress) -> None:
-        """Counts the batch of source k just trained on."""
-        pos = self.positions[k]
-        pos.batch_in_epoch += 1
-        if pos is not progress:
-            progress.epoch, progress.batch_in_epoch = pos.epoch, pos.batch_in_epoch
 
 
 def average_objective_grads(mix: nn.Module, dist: Dist) -> None:
@@ -233,62 +168,21 @@ def check_finite_weights(state: TrainState, step: int) -> None:
                          f"from them (the last good checkpoint stays the latest)")
 
 
-def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dist: Dist) -> None:
+def _checkpoint_and_report(state: TrainState, metrics: dict, cfg_dict: dict, dist: Dist,
+                           extra: Callable[[], dict[str, Any] | None] | None = None) -> None:
+    """Checks the weights, then rank 0 writes the checkpoint and every worker reports.
+    ``extra`` (every worker calls it: it may hold collectives) gives rank 0 what the
+    checkpoint holds beside the weights: the data cursor, RNG states, ingest tallies."""
     check_finite_weights(state, state.progress.step)   # every worker: they stop together
+    more = extra() if extra is not None else None
     if not dist.is_main:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, model=state.core, optimizer=state.optimizer,
                         scheduler=state.scheduler, progress=state.progress, config=cfg_dict,
-                        objectives=state.mix)
+                        objectives=state.mix, extra=more)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _checkpoint_at(uri: str) -> ray.train.Checkpoint:
-    """A Ray ``Checkpoint`` for a checkpoint directory: a local path or an ``s3://`` URI (read
-    through :func:`vlmray.data.storage.arrow_filesystem`, so the AWS environment applies)."""
-    if not is_remote(uri):
-        return ray.train.Checkpoint.from_directory(uri)
-    fs, path = arrow_filesystem(uri)
-    return ray.train.Checkpoint(path=path, filesystem=fs)
-
-
-def _checkpoint_step(ckpt: ray.train.Checkpoint) -> int:
-    """The step a checkpoint was saved at (its ``progress.json``, read without downloading);
-    -1 when that is missing or cut short (the checkpoint is tried last, and fails its check)."""
-    try:
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{PROGRESS}") as f:
-            return int(json.loads(f.read())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
-
-
-def _restore(state: TrainState, resume_from: str | None, run_dir: str) -> str:
-    """Restores the newest (by step) of: Ray Train's latest checkpoint of this run (after a
-    worker-group restart, or on a re-run of the same run directory), the checkpoint directory
-    ``--resume`` named, and the newest complete one on this run's storage (Ray's record lags
-    behind storage when a worker or the driver dies soon after reporting one). A tie keeps the
-    earlier in that order; one whose files fail their manifest is skipped for the next (storage's
-    is the newest intact one). Returns ``"ray"``, ``"resume"``, ``"storage"`` or ``"fresh"``."""
-    found = [(ray.train.get_checkpoint(), "ray")]
-    if resume_from:
-        found.append((_checkpoint_at(resume_from), "resume"))
-    if on_storage := find_latest(join(run_dir, "ray")):
-        found.append((_checkpoint_at(str(on_storage)), "storage"))
-    found = [(ckpt, source) for ckpt, source in found if ckpt is not None]
-    if not found:
-        return "fresh"
-    for ckpt, source in sorted(found, key=lambda cs: -_checkpoint_step(cs[0])):   # stable
-        with ckpt.as_directory() as d:
-            try:
-                state.progress = load_checkpoint(d, model=state.core, optimizer=state.optimizer,
-                                                 scheduler=state.scheduler, objectives=state.mix)
-            except IncompleteCheckpointError as e:
-                print(f"[vlmray] {source} checkpoint skipped: {e}", flush=True)
-                continue
-        return source
-    raise IncompleteCheckpointError(f"no intact checkpoint among {[s for _, s in found]}")
 
 
 def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:
@@ -309,31 +203,82 @@ def _maybe_inject_fault(step: int, run_dir: str, dist: Dist) -> None:
 def train_fn_per_worker(config: dict) -> None:
     """Entry point given to ``TorchTrainer``: ``config = {"cfg": Config dict, "run_dir": str,
     "eval_uri": str, "resume_from": str | None, "launch": str, "eval_refs": str,
-    "source_sizes": list[int] | None}`` (``launch`` tags this driver run's ``"start"`` events;
-    ``eval_refs`` is RA-CLIP's held-out references; ``source_sizes``, the rows of each training
-    source, turns on single-source sampling over datasets ``train``, ``train_1``, ...)."""
+    "source_sizes": list[int] | None, "feeds": list[LaneFeed] | None}`` (``launch`` tags this
+    driver run's ``"start"`` events; ``eval_refs`` is RA-CLIP's held-out references;
+    ``source_sizes``, the rows of each training source, turns on single-source sampling;
+    ``feeds``, one per source, make each worker read its lane in the exact epoch order
+    (:mod:`vlmray.train.lanes`), else it reads Ray Train's dataset shards ``train``,
+    ``train_1``, ...). A restored run also restores every worker's RNG state, and with lanes
+    the data cursor and the ingest tallies."""
     cfg = Config.from_dict(config["cfg"])
     _set_threads(cfg)
     device = ray.train.torch.get_device()
     dist = Dist.from_env(device=device)
     state = build_state(cfg, device=device, wrap=ray.train.torch.prepare_model)
-    source = _restore(state, config.get("resume_from"), config["run_dir"])
+    saved: dict[str, Any] = {}
+    source = restore(state, config.get("resume_from"), config["run_dir"], extra=saved)
+    rng_how = "seeded" if source == "fresh" else rng.restore_for_rank(
+        saved.get("rng"), rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+        step=state.progress.step)
+    streams, data_how = _streams(cfg, config, state, dist, saved)
     if dist.is_main:
         log_event(config["run_dir"], "start", step=state.progress.step, source=source,
-                  launch=config.get("launch", ""))
+                  launch=config.get("launch", ""), rng=rng_how, data=data_how)
     history = History(config["run_dir"], enabled=dist.is_main, resume_step=state.progress.step)
     if state.progress.step >= cfg.train.steps:
         return  # restored from a checkpoint that already reached train.steps
     evaluator = (state.evaluator(config["eval_uri"], config.get("eval_refs", ""))
                  if dist.is_main else None)
+    try:
+        run_steps(state, streams, config, evaluator, history, dist)
+    finally:
+        if isinstance(streams, LaneStreams):
+            streams.close()
+
+
+def _streams(cfg: Config, config: dict, state: TrainState, dist: Dist,
+             saved: dict[str, Any]) -> tuple[Streams | LaneStreams, str]:
+    """The worker's training data, and how it starts: lanes from the checkpoint's cursor
+    (``resumed``, ``redealt W->W'``) or from the start (``fresh``); or Ray Train's shards
+    (``ray order``: a restart skips the epoch's batches so far)."""
     local_bs = cfg.train.batch_size // dist.world_size
     sizes = config.get("source_sizes")
-    shards = [ray.train.get_dataset_shard(dataset_name(k)) for k in range(len(sizes or [0]))]
-    streams = Streams(cfg, local_bs, state.progress, shards, sizes)
-    run_steps(state, streams, config, evaluator, history, dist)
+    feeds = config.get("feeds")
+    if not feeds:
+        shards = [ray.train.get_dataset_shard(dataset_name(k)) for k in range(len(sizes or [0]))]
+        return Streams(cfg, local_bs, state.progress, shards, sizes), "ray order"
+    cursors, how = start_cursors(feeds, saved.get("data"), seed=cfg.train.seed,
+                                 world=dist.world_size, epoch=state.progress.epoch)
+    if dist.is_main and saved.get("tally"):   # rows counted before the checkpoint stay counted
+        ray.get([f.tally.restore.remote(t) for f, t in zip(feeds, saved["tally"])])
+    dist.barrier()                            # no lane reads before the tally is restored
+    row_log = os.path.join(config["run_dir"], "rowlog") if os.environ.get(ROW_LOG_ENV) else ""
+    streams = LaneStreams(feeds, cursors, dist, local_bs=local_bs,
+                          prefetch=cfg.data.placement.prefetch_batches, seed=cfg.train.seed,
+                          sizes=sizes, row_log=row_log)
+    for k, d in enumerate(saved.get("data") or []):
+        if how == "resumed":
+            streams.batches_in_epoch[k] = int(d.get("batches_in_epoch", 0))
+    return streams, how
 
 
-def run_steps(state: TrainState, streams: Streams, config: dict, evaluator: Any,
+def _extra(streams: Streams | LaneStreams, dist: Dist) -> dict[str, Any] | None:
+    """What a checkpoint holds beside the weights (collectives: every worker calls it):
+    every worker's RNG state and, with lanes, the data cursors and the ingest tallies (taken
+    after the cursors, so every row before a cursor is in its tally)."""
+    cursors = streams.cursors() if isinstance(streams, LaneStreams) else None
+    states = rng.gather(dist)
+    if not dist.is_main:
+        return None
+    out: dict[str, Any] = {"rng": states}
+    if cursors is not None:
+        out["data"] = cursors
+        out["tally"] = ray.get([lane.feed.tally.snapshot.remote()
+                                for lane in streams.lanes])
+    return out
+
+
+def run_steps(state: TrainState, streams: Streams | LaneStreams, config: dict, evaluator: Any,
               history: History, dist: Dist) -> None:
     """Trains from ``state.progress.step`` to ``train.steps``: fetch, step, count a skipped
     update (:class:`BadSteps`, which raises after ``train.max_bad_steps`` in a row, logging
@@ -359,15 +304,18 @@ def run_steps(state: TrainState, streams: Streams, config: dict, evaluator: Any,
             raise
         metrics["skipped_steps"] = bad.skipped
         done = p.step >= cfg.train.steps
-        _log_step(state, metrics, window, config, evaluator, history, dist, done=done)
+        _log_step(state, metrics, window, config, evaluator, history, dist, done=done,
+                  extra=lambda: _extra(streams, dist))
         if done:
             break
 
 
 def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, evaluator: Any,
-              history: History, dist: Dist, *, done: bool) -> None:
+              history: History, dist: Dist, *, done: bool,
+              extra: Callable[[], dict[str, Any] | None] | None = None) -> None:
     """Logs, evaluates, checkpoints and reports the step just taken when one of them is due;
-    ``window`` holds the time, data wait and steps since the last logged step."""
+    ``window`` holds the time, data wait and steps since the last logged step; ``extra``
+    gives what a checkpoint holds beside the weights (:func:`_extra`)."""
     cfg, p = state.cfg, state.progress
     ckpt_due = done or (cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0)
     eval_due = done or (cfg.eval.every and p.step % cfg.eval.every == 0)
@@ -383,7 +331,7 @@ def _log_step(state: TrainState, metrics: dict, window: dict, config: dict, eval
         metrics.update(evaluator(state.core))
     history.log(metrics)
     if ckpt_due:
-        _checkpoint_and_report(state, metrics, config["cfg"], dist)
+        _checkpoint_and_report(state, metrics, config["cfg"], dist, extra)
     else:
         ray.train.report(metrics)
     _maybe_inject_fault(p.step, config["run_dir"], dist)

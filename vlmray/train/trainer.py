@@ -33,13 +33,20 @@ def scaling_for(cfg: TrainConfig,
 
 def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_uri: str,
                   resume_from: str | None = None, launch: str = "",
-                  eval_refs: str = "", source_sizes: list[int] | None = None) -> TorchTrainer:
+                  eval_refs: str = "", source_sizes: list[int] | None = None,
+                  feeds: list[Any] | None = None) -> TorchTrainer:
     """The run's ``TorchTrainer``: ``resume_from`` is a checkpoint directory (path or URI) to
     start from when Ray Train has none of its own; ``launch`` tags this driver run's events.
     ``source_sizes`` (rows per training source, datasets named by
     :func:`vlmray.train.loop.dataset_name`) turns on single-source sampling: each step's
-    global batch comes from one source, drawn with probability proportional to its size."""
-    if source_sizes is not None:
+    global batch comes from one source, drawn with probability proportional to its size.
+    ``feeds`` (one :class:`vlmray.pipelines.lanes.LaneFeed` per source) replace ``datasets``:
+    every worker then reads its own lane in the exact epoch order."""
+    if source_sizes is not None and feeds is not None:
+        if len(feeds) != len(source_sizes) or len(feeds) < 2:
+            raise ConfigError(f"single-source sampling needs >= 2 sources and a feed for "
+                              f"each; sizes {source_sizes}, {len(feeds)} feeds")
+    elif source_sizes is not None:
         missing = [dataset_name(k) for k in range(len(source_sizes))
                    if dataset_name(k) not in datasets]
         if len(source_sizes) < 2 or missing:
@@ -62,7 +69,8 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "eval_uri": eval_uri,
                            "resume_from": resume_from, "launch": launch,
-                           "eval_refs": eval_refs, "source_sizes": source_sizes},
+                           "eval_refs": eval_refs, "source_sizes": source_sizes,
+                           "feeds": feeds},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=scaling, run_config=run_config, datasets=datasets,
     )
