@@ -144,8 +144,9 @@ def start_cursors(feeds: list[Any], saved: list[dict[str, Any]] | None, *, seed:
                   world: int, epoch: int = 0) -> tuple[list[Cursor], str]:
     """Each source's cursor: the checkpoint's (``saved``), re-dealt when the world size
     changed, or the start of ``epoch``. Returns (cursors, what happened: ``fresh``,
-    ``resumed``, ``redealt W->W'``). A cursor for other inputs (files, row counts or
-    ``data.unit_rows`` changed) is refused."""
+    ``resumed``, ``redealt W->W'``, ``inputs changed``). A cursor for other inputs (files,
+    their row counts or ``data.unit_rows`` changed) cannot say which rows are left: that
+    source restarts its epoch from the beginning, and the run says so."""
     if not saved:
         return [Cursor.start(seed=seed, epoch=epoch, world=world, n_units=len(f.units))
                 for f in feeds], "fresh"
@@ -155,9 +156,13 @@ def start_cursors(feeds: list[Any], saved: list[dict[str, Any]] | None, *, seed:
     cursors, how = [], "resumed"
     for f, d in zip(feeds, saved):
         if d.get("digest") != f.digest:
-            raise ValueError("the training inputs changed since the checkpoint (files, their "
-                             "row counts or data.unit_rows): its data cursor cannot be used; "
-                             "resume with the same inputs")
+            print(f"[vlmray] the training inputs changed since the checkpoint (files, their row "
+                  f"counts or data.unit_rows): epoch {d['epoch']} restarts from its beginning",
+                  flush=True)
+            cursors.append(Cursor.start(seed=seed, epoch=int(d["epoch"]), world=world,
+                                        n_units=len(f.units)))
+            how = "inputs changed"
+            continue
         c = Cursor.from_dict(d)
         if c.world != world:
             how = f"redealt {c.world}->{world}"

@@ -3,6 +3,7 @@ failure handling, and the resume point."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlmray.config import Config, ConfigError, TrainConfig
-from vlmray.train.loop import dataset_name, train_fn_per_worker
+from vlmray.train.lanes import ROW_LOG_ENV
+from vlmray.train.loop import FAULT_AT_STEP_ENV, dataset_name, train_fn_per_worker
 
 
 def scaling_for(cfg: TrainConfig,
@@ -62,7 +64,9 @@ def build_trainer(cfg: Config, datasets: dict[str, Any], *, run_dir: str, eval_u
         else f"{run_dir}/ray",
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         # Ray Train's patched print writes each worker line twice (stdout and its logger).
-        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        # Test and audit hooks set in the driver's environment reach the workers.
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{
+            k: os.environ[k] for k in (FAULT_AT_STEP_ENV, ROW_LOG_ENV) if k in os.environ}}},
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
     )
     return TorchTrainer(
