@@ -51,6 +51,16 @@ def test_a_cursor_inside_a_tar_unit(tmp_path: Path) -> None:
         assert got[c] == [whole[c][r] for r in rows], c
 
 
+def test_a_unit_between_indexed_rows(tmp_path: Path) -> None:
+    write_synthetic(SyntheticConfig(num_train=45, num_eval=4, shard_size=45), str(tmp_path))
+    files = list_inputs(str(tmp_path / "train"))
+    units = plan_units([index_one(files[0][0], files[0][1], 20)], 10, indexed_every=20)
+    assert (units[3].start, units[3].at) == (30, 20) and units[3].offset is not None
+    got = _check_item(files, units, 0, Item(3, skip=4))
+    whole = read_file(files[0][0], 0, files[0][1])
+    assert got[schema.KEY] == [whole[schema.KEY][r & 0xFFFFFFFF] for r in got[schema.ROW_ID]]
+
+
 def test_a_cursor_inside_a_parquet_row_group(tmp_path: Path) -> None:
     n = 60
     path = tmp_path / "part.parquet"

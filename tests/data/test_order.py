@@ -18,6 +18,7 @@ from vlmray.data.order import (
     inputs_digest,
     plan_units,
     unit_rows_order,
+    unit_size,
 )
 
 
@@ -37,6 +38,17 @@ def test_units_cover_every_row_once_and_keep_offsets() -> None:
         (0, 0, 256, 0), (0, 256, 512, 5000), (0, 512, 600, 9000), (1, 0, 10, None)]
     with pytest.raises(ValueError, match="unit_rows"):
         plan_units([Ix(3)], 0)
+
+
+def test_units_between_indexed_rows_start_parsing_at_the_last_offset_before() -> None:
+    units = plan_units([Ix(50, (0, 700, 1400))], 10, indexed_every=20)
+    assert [(u.start, u.offset, u.at) for u in units] == [
+        (0, 0, 0), (10, 0, 0), (20, 700, 20), (30, 700, 20), (40, 1400, 40)]
+
+
+def test_small_inputs_get_small_units() -> None:
+    assert unit_size(100_000, 256) == 256
+    assert unit_size(400, 256) == 25 and unit_size(10, 256) == 1
 
 
 def test_deal_depends_on_seed_epoch_and_world_only() -> None:

@@ -132,10 +132,10 @@ def test_staged_download_is_on_s3_and_read_back_without_fetching(s3_run, server)
     assert all(server.hits[f"/img/{r['key']}.jpg"] == 1 for r in _good_rows(server))
     before = dict(server.hits)
     cfg = vlmray.recipe("clip_tiny", **{**RUN, "data.source": source})
-    read, stages = source_plan(cfg.data, source, cache)      # the cache a resume would use
-    assert read().count() == len(rows)
+    src = source_plan(cfg.data, source, cache)               # the cache a resume would use
+    assert src.staged.startswith("s3://") and src.read().count() == len(rows)
     assert dict(server.hits) == before                       # nothing downloaded again
-    assert [s.name for s in stages] == ["dedup"]             # only the cached decisions
+    assert [s.name for s in src.stages] == ["dedup"]         # only the cached decisions
 
 
 def test_curation_job_reads_the_list_from_s3_and_resumes_from_s3_staging(s3_run, server,

@@ -160,7 +160,8 @@ class DataConfig:
     workers, and read in a per-unit permutation, so every worker's rows at every step depend
     on the seed, the epoch, the world size and the inputs alone, and a checkpoint names the
     next unread row of each worker. Smaller: finer mixing across files and a shorter
-    end-of-epoch tail (at most about one unit per worker), more read tasks."""
+    end-of-epoch tail (at most about one unit per worker), more read tasks. Inputs of fewer
+    than 16 units' worth of rows get smaller units, so every worker has some."""
     curate: bool = False
     """Run the curation stages (text, image, [score], dedup; settings below) as a streaming
     prefix of training: no curated copy is written, rejects land in ``<run>/rejects``."""

@@ -100,7 +100,7 @@ def read_item(files: Sequence[tuple[str, str]], units: Sequence[Unit], index: in
             yield table.slice(start, block_rows)
         return
     batch = read_rows(uri, unit.file, fmt, select, cfg=cfg, offset=unit.offset,
-                      start=unit.start)
+                      start=unit.at)
     out_schema = ARROW_SCHEMA.append(pa.field(LANE_POS, pa.int64()))
     for start in range(0, len(select), block_rows):
         cols = {c: list(batch[c][start:start + block_rows]) for c in COLUMNS}

@@ -42,33 +42,49 @@ POS_BITS = 32
 POS_MASK = (1 << POS_BITS) - 1
 
 
+MIN_UNITS = 16
+"""Fewer rows than this many units' worth make the units smaller (:func:`unit_size`), so that
+every worker of a small run has units to read."""
+
+
 @dataclass(frozen=True)
 class Unit:
     """Rows [start, stop) of input file ``file``; ``offset``: where the reader may start
-    parsing to reach row ``start`` (a tar's byte offset), None = from the file's start."""
+    parsing (a tar's byte offset) to reach row ``at`` <= ``start``, None = the file's start."""
 
     file: int
     start: int
     stop: int
     offset: int | None = None
+    at: int = 0
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
 
 
-def plan_units(index: Sequence[Any], unit_rows: int) -> list[Unit]:
+def unit_size(total_rows: int, unit_rows: int) -> int:
+    """``unit_rows``, or fewer when the inputs hold fewer than :data:`MIN_UNITS` units of it
+    (a function of the data alone: a resume with another world size keeps the units)."""
+    return max(1, min(unit_rows, total_rows // MIN_UNITS))
+
+
+def plan_units(index: Sequence[Any], unit_rows: int, *, indexed_every: int = 0) -> list[Unit]:
     """The canonical unit list: each file's rows in ranges of ``unit_rows`` (the last shorter),
-    files in input order. ``index[f]`` has ``rows`` and ``offsets`` (a byte offset per unit,
-    or empty: read from the file's start)."""
+    files in input order. ``index[f]`` has ``rows`` and ``offsets``: the byte offset of every
+    ``indexed_every``-th row (default ``unit_rows``), or none (read from the file's start); a
+    unit starts parsing at the last offset at or before its first row."""
     if unit_rows < 1:
         raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
+    every = indexed_every or unit_rows
     units = []
     for f, ix in enumerate(index):
         offsets = list(getattr(ix, "offsets", ()) or ())
-        for j, start in enumerate(range(0, int(ix.rows), unit_rows)):
+        for start in range(0, int(ix.rows), unit_rows):
+            j = start // every
+            known = j < len(offsets)
             units.append(Unit(f, start, min(start + unit_rows, int(ix.rows)),
-                              offsets[j] if j < len(offsets) else None))
+                              offsets[j] if known else None, j * every if known else 0))
     return units
 
 
@@ -195,5 +211,5 @@ def inputs_digest(files: Sequence[tuple[str, str]], index: Sequence[Any], unit_r
     return h.hexdigest()[:16]
 
 
-__all__ = ["POS_BITS", "POS_MASK", "Cursor", "Item", "Unit", "deal", "inputs_digest",
-           "plan_units", "unit_rows_order"]
+__all__ = ["MIN_UNITS", "POS_BITS", "POS_MASK", "Cursor", "Item", "Unit", "deal",
+           "inputs_digest", "plan_units", "unit_rows_order", "unit_size"]

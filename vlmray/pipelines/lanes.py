@@ -26,7 +26,7 @@ from vlmray.data.curation.plan import apply_row_stages
 from vlmray.data.curation.stage import Stage
 from vlmray.data.ingest import DECODE_CPUS, SPLIT_CPUS, DecodeStage, train_columns
 from vlmray.data.lanes import STAGED, index_inputs, read_lane
-from vlmray.data.order import Item, Unit, inputs_digest, plan_units
+from vlmray.data.order import Item, Unit, inputs_digest, plan_units, unit_size
 from vlmray.data.placement import remote_args
 from vlmray.data.storage import filesystem, to_uri
 from vlmray.data.stream import SplitStage, StreamTally
@@ -108,11 +108,12 @@ def plan_feed(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
     source = source_plan(cfg, uri, cache_root or _default_cache(rejects_uri))
     files = (_staged_files(source.staged) if source.staged else list_inputs(uri, ReadConfig()))
     index = index_inputs(files, cfg.unit_rows, cfg.placement)
-    units = plan_units(index, cfg.unit_rows)
+    size = unit_size(sum(ix.rows for ix in index), cfg.unit_rows)
+    units = plan_units(index, size, indexed_every=cfg.unit_rows)
     if not units:
         raise ValueError(f"no input rows at {uri}")
     tally = ray.remote(num_cpus=0)(StreamTally).remote()
-    return LaneFeed(cfg, files, units, inputs_digest(files, index, cfg.unit_rows),
+    return LaneFeed(cfg, files, units, inputs_digest(files, index, size),
                     source.stages, retrieval, tally, rejects_uri)
 
 

@@ -83,7 +83,7 @@ def _lane_feed(cfg: Config, run_dir: str, train_uris: list[str],
                    lambda: [stream_summary(f.tally) for f in feeds])
     sizes = [f.rows for f in feeds] if cfg.data.sampling == "single_source" else None
     print(f"[vlmray] ingest: streaming in the exact epoch order ("
-          f"{', '.join(f'{len(f.units)} units of <= {cfg.data.unit_rows} rows' for f in feeds)};"
+          f"{', '.join(f'{len(f.units)} units of <= {f.units[0].rows} rows' for f in feeds)};"
           f" counts follow training)", flush=True)
     return TrainingFeed({}, feeds, sizes, _summary_of(cfg, [f.tally for f in feeds]),
                         lanes=True)
