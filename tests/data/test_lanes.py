@@ -111,3 +111,14 @@ def test_the_order_within_a_unit_is_the_epochs(tmp_path: Path, epoch: int) -> No
     assert sorted(r & 0xFFFFFFFF for r in got[schema.ROW_ID]) == list(range(50))
     assert np.array_equal([r & 0xFFFFFFFF for r in got[schema.ROW_ID]],
                           unit_rows_order(units[0], 0, 9, epoch))
+
+
+def test_each_lane_gets_its_share_of_the_data_budget() -> None:
+    from vlmray.config.data import PlacementConfig
+    from vlmray.pipelines.lanes import lane_share
+
+    p = PlacementConfig(object_store_bytes=1 << 30, cpu_budget=6.0, target_block_bytes=8 << 20)
+    share = lane_share(p, 4)
+    assert (share.object_store_bytes, share.cpu_budget) == (1 << 28, 1.5)
+    assert lane_share(p, 1) is p and lane_share(PlacementConfig(), 8) == PlacementConfig()
+    assert lane_share(p, 1000).object_store_bytes == 2 * (8 << 20)   # two blocks at least

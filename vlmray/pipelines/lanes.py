@@ -17,9 +17,10 @@ every checkpoint and restored with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from vlmray.config.data import DEFAULT_BLOCK_BYTES, PlacementConfig
 from vlmray.data import schema
 from vlmray.data.augment import augment_train
 from vlmray.data.curation.plan import apply_row_stages
@@ -61,11 +62,12 @@ class LaneFeed:
         """Input rows of one epoch (accepted or not)."""
         return sum(u.rows for u in self.units)
 
-    def lane_plan(self, items: list[tuple[int, Item]], *, epoch: int,
-                  seed: int) -> ray.data.Dataset:
+    def lane_plan(self, items: list[tuple[int, Item]], *, epoch: int, seed: int,
+                  lanes: int = 1) -> ray.data.Dataset:
         """The lazy, order-preserving plan of a lane's rows from its position: training
-        columns plus ``ROW_ID`` and ``LANE_POS``."""
-        cfg, where = self.cfg, self.cfg.placement
+        columns plus ``ROW_ID`` and ``LANE_POS``. Each of the ``lanes`` workers runs its own
+        plan, so each gets 1/lanes of ``data.placement``'s object-store and CPU budgets."""
+        cfg, where = self.cfg, lane_share(self.cfg.placement, lanes)
         rows = read_lane(self.files, self.units, items, seed=seed, epoch=epoch, placement=where)
         rows = apply_row_stages(rows, self.stages, where)
         if cfg.rewrite.enabled:
@@ -85,6 +87,17 @@ class LaneFeed:
         """Every unit in order (epoch 0's rows, one lane): for a first look at the rows."""
         return self.lane_plan([(i, Item(u)) for i, u in enumerate(range(len(self.units)))],
                               epoch=0, seed=seed)
+
+
+def lane_share(placement: PlacementConfig, lanes: int) -> PlacementConfig:
+    """``placement`` with the object-store and CPU budgets split over ``lanes`` plans (an
+    object-store share never below two blocks, so a lane's stream can always flow)."""
+    if lanes <= 1 or not (placement.object_store_bytes or placement.cpu_budget):
+        return placement
+    block = placement.target_block_bytes or DEFAULT_BLOCK_BYTES
+    store = placement.object_store_bytes
+    return replace(placement, object_store_bytes=max(store // lanes, 2 * block) if store else 0,
+                   cpu_budget=placement.cpu_budget / lanes)
 
 
 def _staged_files(staged: str) -> list[tuple[str, str]]:

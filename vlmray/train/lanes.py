@@ -44,7 +44,8 @@ class Lane:
         items = self.cursor.remaining(self.rank, self.feed.units)
         if not items:
             return iter(())
-        ds = self.feed.lane_plan(items, epoch=self.cursor.epoch, seed=self.cursor.seed)
+        ds = self.feed.lane_plan(items, epoch=self.cursor.epoch, seed=self.cursor.seed,
+                                 lanes=self.cursor.world)
         return iter(ds.iter_torch_batches(batch_size=self.local_bs, drop_last=False,
                                           prefetch_batches=self.prefetch))
 
