@@ -2,7 +2,7 @@
 90% of an epoch, for this code and for a baseline revision (issue 17, item 7).
 
     python benchmarks/resume_cost.py                       # N = 16384 rows, baseline adfa4fb
-    python benchmarks/resume_cost.py --rows 4096 --baseline-ref HEAD~20 --output /tmp/rc
+    python benchmarks/resume_cost.py --rows 4096 --ref HEAD --baseline-ref HEAD~20
 
 The built-in generator writes N noise-free train rows (``--gen-image-size`` px JPEGs, decoded to
 ``--image-size``; cached under ``--work-dir``/data by N). For each code (this checkout, and the
@@ -14,7 +14,8 @@ baseline revision checked out once as a git worktree under ``--work-dir``) and e
 2. a fresh child process (a new driver and a new local Ray, as after a preemption) resumes the
    run (``--resume``, ``train.steps = p + 2``). The clock starts once its Ray is up (Ray's own
    start, the same for both codes, is left out) and stops at step p + 1's row in
-   ``history.jsonl`` (``train.log_every = 1``): planning the feed, starting Ray Train, building
+   ``history.jsonl`` (``train.log_every = 1`` after the restart; the training before it logs
+   once, at its end): planning the feed, starting Ray Train, building
    the model, restoring the checkpoint, reaching the resume position in the data, and the step.
 
 Today's code (the baseline) re-reads and decodes every batch of the epoch up to the checkpoint
@@ -80,7 +81,10 @@ def _data(work: Path, rows: int, gen_size: int) -> Path:
 
 
 def _worktree(work: Path, ref: str) -> Path:
-    tree = work / f"baseline-{ref}"
+    """A checkout of ``ref`` (a commit, resolved once) under ``work``."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    tree = work / f"tree-{commit}"
     if not tree.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
                        check=True, capture_output=True)
@@ -106,11 +110,12 @@ def measure(code: Path, data: Path, out: Path, position: int, args: argparse.Nam
     ``position`` (trained there first)."""
     run = out / f"run-{position}"
     base = {"data.source": str(data), "data.image_size": args.image_size,
-            "train.batch_size": args.batch, "train.num_workers": 1, "train.log_every": 1,
+            "train.batch_size": args.batch, "train.num_workers": 1,
             "train.checkpoint_every": 0, "eval.every": 0, "eval.max_samples": 64}
-    _child(code, run, {**base, "train.steps": position}, resume=False, after=0, cpus=args.cpus)
-    got = _child(code, run, {**base, "train.steps": position + 2}, resume=True,
-                 after=position, cpus=args.cpus)
+    _child(code, run, {**base, "train.steps": position, "train.log_every": position},
+           resume=False, after=0, cpus=args.cpus)
+    got = _child(code, run, {**base, "train.steps": position + 2, "train.log_every": 1},
+                 resume=True, after=position, cpus=args.cpus)
     if got["first_step"] != position + 1:
         raise RuntimeError(f"resumed at step {got['first_step']}, expected {position + 1}")
     return got["restart_to_step_s"]
@@ -124,6 +129,8 @@ def main() -> None:
     p.add_argument("--gen-image-size", type=int, default=128)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--baseline-ref", default=BASELINE_REF)
+    p.add_argument("--ref", default="", help="measure this commit (a worktree) instead of the "
+                   "working tree (which other work may be changing)")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "vlmray-resume"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "resume"))
     args = p.parse_args()
@@ -132,10 +139,12 @@ def main() -> None:
     data = _data(work, args.rows, args.gen_image_size)
     epoch_steps = args.rows // args.batch
     positions = {"5%": max(1, round(0.05 * epoch_steps)), "90%": round(0.9 * epoch_steps)}
-    codes = {"exact_order": ROOT, "baseline": _worktree(work, args.baseline_ref)}
+    codes = {"exact_order": _worktree(work, args.ref) if args.ref else ROOT,
+             "baseline": _worktree(work, args.baseline_ref)}
     result: dict[str, Any] = {"rows": args.rows, "batch": args.batch, "workers": 1,
                               "epoch_steps": epoch_steps, "positions": positions,
-                              "baseline_ref": args.baseline_ref, "cpus": args.cpus}
+                              "baseline_ref": args.baseline_ref, "ref": args.ref or "worktree",
+                              "cpus": args.cpus}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name, code in codes.items():
         times = {}
