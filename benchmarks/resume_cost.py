@@ -58,7 +58,7 @@ wall = time.time() - t0
 rows = [r for r in read_history(spec["run"]) if r["step"] > spec["after"]]
 first = min(rows, key=lambda r: r["step"])
 print("RESULT " + json.dumps({"restart_to_step_s": first["time"] - t0, "wall_s": wall,
-                              "first_step": first["step"]}), flush=True)
+                              "first_step": first["step"], "code": vlmray.__file__}), flush=True)
 ray.shutdown()
 shutil.rmtree(tmp, ignore_errors=True)
 """
@@ -95,7 +95,8 @@ def _child(code: Path, run: Path, overrides: dict[str, Any], *, resume: bool, af
            cpus: int) -> dict[str, Any]:
     spec = {"code": str(code), "run": str(run), "overrides": overrides, "resume": resume,
             "after": after, "cpus": cpus}
-    env = {**os.environ, "RAY_TMPDIR": str(run.parent / "raytmp"), "TMPDIR": str(run.parent)}
+    env = {**os.environ, "RAY_TMPDIR": str(run.parent / "raytmp"), "TMPDIR": str(run.parent),
+           "PYTHONPATH": str(code)}   # the driver and every Ray worker import this code
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=str(code),
                           env=env, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -116,6 +117,8 @@ def measure(code: Path, data: Path, out: Path, position: int, args: argparse.Nam
            resume=False, after=0, cpus=args.cpus)
     got = _child(code, run, {**base, "train.steps": position + 2, "train.log_every": 1},
                  resume=True, after=position, cpus=args.cpus)
+    if not got["code"].startswith(str(code)):
+        raise RuntimeError(f"the child imported {got['code']}, not the code under {code}")
     if got["first_step"] != position + 1:
         raise RuntimeError(f"resumed at step {got['first_step']}, expected {position + 1}")
     return got["restart_to_step_s"]
