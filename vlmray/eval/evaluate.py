@@ -87,7 +87,8 @@ def _text_embeds(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, bs: in
 def evaluate(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer, *,
              batch_size: int = 256,
              objectives: ObjectiveEvaluation | None = None) -> dict[str, float]:
-    """Returns zero_shot_top1/top5, zero_shot_chance and retrieval_{i2t,t2i}_r{1,5,10}, plus
+    """Returns zero_shot_top1/top5 (over the rows with a label), zero_shot_chance and
+    retrieval_{i2t,t2i}_r{1,5,10} (over every row), plus
     what the model measures itself (``model.evaluate_heldout(data, tokenizer)``, e.g. SegCLIP's
     segmentation mIoU) and what the objectives' own parts measure (``ObjectiveMix.evaluate``,
     e.g. generated-caption overlap, ITM accuracy)."""
@@ -110,7 +111,9 @@ def _evaluate_dual(model: DualEncoder, data: HeldOut, tokenizer: Tokenizer,
     img = _embed_images(model, data.pixels, batch_size, device, data.refs)  # (N, D)
     txt, prompts = _text_embeds(model, data, tokenizer, batch_size, device)  # (N, D), (C*T, D)
     classes = class_embeddings(prompts, len(data.classnames))              # (C, D)
-    acc = topk_accuracy(img @ classes.T, data.labels.to(device), (1, 5))
+    labelled = data.labels >= 0           # rows without a label count in retrieval only
+    acc = topk_accuracy((img @ classes.T)[labelled.to(device)],
+                        data.labels[labelled].to(device), (1, 5))
     model.train(was_training)
     return {"zero_shot_top1": acc[1], "zero_shot_top5": acc[5],
             "zero_shot_chance": 1.0 / len(data.classnames), **recall_at_k(img, txt)}

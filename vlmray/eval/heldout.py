@@ -13,9 +13,17 @@ from torch import Tensor
 from vlmray.data import schema
 from vlmray.data.decode import DecodeSpec, prepare_rows
 from vlmray.data.render import render_texts
-from vlmray.data.shards import iter_shards, load_classes
 from vlmray.data.storage import arrow_filesystem
 from vlmray.data.tokenize import Tokenizer
+from vlmray.eval.sources import (
+    ACCEPTED_SHAPES,
+    EvalSource,
+    EvalSourceError,
+    class_index,
+    iter_eval_rows,
+    open_eval_source,
+    row_label,
+)
 
 
 @dataclass
@@ -80,25 +88,48 @@ class HeldOut:
 
 
 def load_heldout(uri: str, spec: DecodeSpec, tokenizer: Tokenizer, *, max_samples: int) -> HeldOut:
-    """Reads up to ``max_samples`` rows of the clean split at ``uri`` and its ``classes.json``."""
-    rows = list(itertools.islice(iter_shards(uri), max_samples))
+    """Reads up to ``max_samples`` rows of the clean split at ``uri``, its class names and
+    templates, in any shape :mod:`vlmray.eval.sources` accepts (shards with ``classes.json``,
+    a plain list of names, ``classnames.txt``, an ImageNet-style folder; the built-in
+    templates when none are given). Labels come from the sidecars' ``label`` (an index or a
+    class name) or the class folders; a row without one counts in retrieval, not zero-shot.
+    Raises :class:`~vlmray.eval.sources.EvalSourceError` (a ``ConfigError``) naming what is
+    missing and the accepted shapes."""
+    src = open_eval_source(uri)
+    rows = list(itertools.islice(iter_eval_rows(src), max_samples))
     if not rows:
-        raise FileNotFoundError(f"held-out split {uri!r} has no samples")
+        raise EvalSourceError(f"held-out split {uri!r} has no samples; {ACCEPTED_SHAPES}")
+    metas = [r.get(schema.META) for r in rows]
     batch = prepare_rows([r[schema.KEY] for r in rows], [r.get(schema.IMAGE) for r in rows],
-                         [r.get(schema.TEXT) for r in rows], [r.get(schema.META) for r in rows],
-                         spec, tokenizer)
+                         [r.get(schema.TEXT) for r in rows], metas, spec, tokenizer)
     ok = batch[schema.REJECT_REASON] == ""
-    classnames, templates = load_classes(uri)
+    labels = np.asarray(_labels(src, rows, metas), dtype=np.int64)
+    if not (labels[ok] >= 0).any():
+        raise EvalSourceError(f"held-out split {uri!r}: none of its {int(ok.sum())} readable "
+                              f"rows (of {len(rows)}) has a label; {ACCEPTED_SHAPES}")
     return HeldOut(
         pixels=torch.from_numpy(batch[schema.PIXELS][ok]),
         tokens=torch.from_numpy(batch[schema.TOKENS][ok]),
         token_mask=torch.from_numpy(batch[schema.TOKEN_MASK][ok]),
-        labels=torch.from_numpy(batch[schema.LABEL][ok]),
-        classnames=classnames, templates=templates, rows_rejected=int((~ok).sum()),
+        labels=torch.from_numpy(labels[ok]),
+        classnames=src.classnames, templates=src.templates, rows_rejected=int((~ok).sum()),
         keys=[str(k) for k in batch[schema.KEY][ok]],
         texts=[str(t) for t in batch[schema.TEXT][ok]],
-        metas=[_meta_str(m) for m, keep in zip((r.get(schema.META) for r in rows), ok) if keep],
+        metas=[_meta_str(m) for m, keep in zip(metas, ok) if keep],
     )
+
+
+def _labels(src: EvalSource, rows: list[dict], metas: list[object]) -> list[int]:
+    """Each row's class index (-1: none), or an :class:`EvalSourceError` naming the row."""
+    index, out = class_index(src.classnames), []
+    for row, meta in zip(rows, metas):
+        try:
+            out.append(row_label(meta, src.classnames, index))
+        except ValueError as e:
+            raise EvalSourceError(f"held-out split {src.uri!r}, row {row[schema.KEY]!r}: {e} "
+                                  f"(class names from {src.classes_from}); "
+                                  f"{ACCEPTED_SHAPES}") from None
+    return out
 
 
 def _meta_str(meta: object) -> str:
