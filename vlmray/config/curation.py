@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from vlmray.config.inputs import DownloadConfig
 
@@ -181,6 +181,10 @@ class ScoreConfig:
         return bool(self.model)
 
 MAX_PHASH_THRESHOLD = 16        # unrelated images differ in ~32 bits; more is no near-dup
+CaptionNormaliser = Literal["presentation", "exact", "digits"]
+CAPTION_NORMALISERS: tuple[str, ...] = get_args(CaptionNormaliser)
+"""Valid ``DedupConfig.caption_normaliser`` values
+(:func:`vlmray.data.curation.hashing.normalise_caption`)."""
 
 
 @dataclass(kw_only=True)
@@ -202,8 +206,19 @@ class DedupConfig:
     """Reject rows whose caption repeats too often (``repeated_caption``): boilerplate
     alt-text ("click here", "image", "DSC0001.jpg") shared by many unrelated images."""
     max_caption_repeats: int = 15
-    """A row is rejected when its caption is a near-duplicate of more than this many earlier
-    kept captions (so at most this many repeats, after the first, are kept)."""
+    """The repeat limit: a row is rejected when its caption is the same (after
+    ``caption_normaliser``) as more than this many earlier kept captions, so the first
+    ``1 + max_caption_repeats`` rows of a caption are kept. Class-name captions of a labelled
+    set ("a photo of a dog" for every dog) repeat by design: raise it, or set ``captions``
+    off, for such data."""
+    caption_normaliser: CaptionNormaliser = "presentation"
+    """What makes two captions "the same" for ``max_caption_repeats`` (and the word shingles
+    of ``caption_jaccard``): ``presentation`` (default) ignores only case, Unicode
+    compatibility forms, punctuation outside numbers and runs of whitespace, so captions that
+    differ in any word (a number, a count word, "not", a colour) stay distinct; ``exact``
+    compares the cleaned text itself; ``digits`` also maps every digit run to 0 (numbered
+    boilerplate such as "photo 16" / "photo 17" merges, but so do real counts: "3 red
+    circles" / "2 red circles")."""
     caption_jaccard: float = 0.0
     """0: captions are duplicates only when their normalised text is equal; > 0: also when
     the Jaccard similarity of their word shingles is at least this (MinHash + LSH)."""
@@ -221,14 +236,16 @@ class DedupConfig:
                   "max_caption_repeats": self.max_caption_repeats >= 0,
                   "caption_jaccard": 0.0 <= self.caption_jaccard <= 1.0,
                   "caption_shingle": self.caption_shingle >= 1,
-                  "partitions": self.partitions >= 0}
+                  "partitions": self.partitions >= 0,
+                  "caption_normaliser": self.caption_normaliser in CAPTION_NORMALISERS}
         bounds = {"phash_threshold": f"in [0, {MAX_PHASH_THRESHOLD}]",
                   "max_caption_repeats": ">= 0", "caption_jaccard": "in [0, 1]",
-                  "caption_shingle": ">= 1", "partitions": ">= 0 (0 = auto)"}
+                  "caption_shingle": ">= 1", "partitions": ">= 0 (0 = auto)",
+                  "caption_normaliser": f"one of {', '.join(CAPTION_NORMALISERS)}"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DedupConfig.{name} must be {bounds[name]}, "
-                                 f"got {getattr(self, name)}")
+                                 f"got {getattr(self, name)!r}")
 
 
 @dataclass(kw_only=True)
@@ -280,5 +297,6 @@ class CurationConfig:
     """Downloader for URL-list inputs (img2dataset-style url/caption tables)."""
 
 
-__all__ = ["IMAGE_SUFFIX", "MAX_PHASH_THRESHOLD", "SCRIPTS", "SCRIPT_GROUPS",
-           "CurationConfig", "DedupConfig", "ImageConfig", "ScoreConfig", "TextConfig", "WriteConfig"]
+__all__ = ["CAPTION_NORMALISERS", "IMAGE_SUFFIX", "MAX_PHASH_THRESHOLD", "SCRIPTS",
+           "SCRIPT_GROUPS", "CaptionNormaliser", "CurationConfig", "DedupConfig", "ImageConfig",
+           "ScoreConfig", "TextConfig", "WriteConfig"]

@@ -111,7 +111,8 @@ class Dedup(GlobalStage):
         if c.captions:
             yield lambda t: repeated_captions(
                 t[schema.TEXT_SIG], c.max_caption_repeats, texts=t.get(schema.TEXT),
-                jaccard=c.caption_jaccard, shingle=c.caption_shingle), REPEATED_CAPTION
+                jaccard=c.caption_jaccard, shingle=c.caption_shingle,
+                normaliser=c.caption_normaliser), REPEATED_CAPTION
 
 
 # --- exact groups ------------------------------------------------------------------------------
@@ -271,11 +272,13 @@ def near_duplicates(hashes: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def repeated_captions(sigs: np.ndarray, max_repeats: int, *, texts: np.ndarray | None = None,
-                      jaccard: float = 0.0, shingle: int = 2) -> np.ndarray:
+                      jaccard: float = 0.0, shingle: int = 2,
+                      normaliser: str = "presentation") -> np.ndarray:
     """Per row: -1 if kept, else the earliest kept row whose caption it repeats.
 
     A row is rejected when more than ``max_repeats`` earlier kept rows have a near-duplicate
-    caption: the same signature, or (``jaccard > 0``) word-shingle Jaccard >= ``jaccard``.
+    caption: the same signature, or (``jaccard > 0``) word-shingle Jaccard >= ``jaccard``
+    (shingles of the caption under ``normaliser``).
     """
     sigs = np.asarray(sigs, dtype=object)
     out = np.full(len(sigs), -1, dtype=np.int64)
@@ -289,7 +292,8 @@ def repeated_captions(sigs: np.ndarray, max_repeats: int, *, texts: np.ndarray |
     rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     parent = np.where(rank > max_repeats, first[vid], -1)
     if jaccard > 0 and texts is not None:
-        groups = similar_captions(np.asarray(texts, dtype=object)[has][first], jaccard, shingle)
+        groups = similar_captions(np.asarray(texts, dtype=object)[has][first], jaccard, shingle,
+                                  normaliser)
         _recount_similar(parent, vid, groups, max_repeats)
     out[has] = np.where(parent >= 0, has[np.maximum(parent, 0)], -1)
     return out
@@ -311,9 +315,9 @@ def _recount_similar(parent: np.ndarray, vid: np.ndarray, groups: dict[int, np.n
             first_kept[vid[r]] = min(first_kept[vid[r]], r)
 
 
-def shingles(text: str, n: int) -> set[str]:
+def shingles(text: str, n: int, normaliser: str = "presentation") -> set[str]:
     """Word n-grams of the normalised caption (the whole caption when shorter than n)."""
-    words = normalise_caption(text).split()
+    words = normalise_caption(text, normaliser).split()
     if len(words) <= n:
         return {" ".join(words)} if words else set()
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
@@ -351,10 +355,11 @@ def lsh_bands(threshold: float, num_perm: int = MINHASH_PERMUTATIONS) -> tuple[i
     return best
 
 
-def similar_captions(texts: np.ndarray, jaccard: float, shingle: int) -> dict[int, np.ndarray]:
+def similar_captions(texts: np.ndarray, jaccard: float, shingle: int,
+                     normaliser: str = "presentation") -> dict[int, np.ndarray]:
     """Caption index -> indices of captions (itself included) with shingle Jaccard >= ``jaccard``,
     for captions that have any other; MinHash LSH candidates, verified exactly."""
-    sets = [shingles(str(t), shingle) for t in texts]
+    sets = [shingles(str(t), shingle, normaliser) for t in texts]
     sig = minhash(sets)
     bands, r = lsh_bands(jaccard, sig.shape[1])
     mult = np.random.default_rng(MINHASH_SEED + 1).integers(1, 2**63, r, dtype=np.uint64) | 1

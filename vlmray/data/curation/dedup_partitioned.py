@@ -149,7 +149,8 @@ def _rejects(step: Round, rows: Batch, dropped: Batch | None) -> tuple[np.ndarra
     if rule.reason == REPEATED_CAPTION:
         parent = repeated_captions(rows[schema.TEXT_SIG], cfg.max_caption_repeats,
                                    texts=rows.get(schema.TEXT), jaccard=cfg.caption_jaccard,
-                                   shingle=cfg.caption_shingle)
+                                   shingle=cfg.caption_shingle,
+                                   normaliser=cfg.caption_normaliser)
     else:
         parent = first_of_group(rows[rule.column])
     return parent >= 0, keys[np.maximum(parent, 0)]

@@ -34,7 +34,8 @@ def row_stages(cur: CurationConfig, *, download: DownloadConfig | None = None,
     the resolved scoring model (``vlmray.embedders.scorer_for(cur.score)``), required when
     ``cur.score.model`` is set: the composing code resolves it, this layer never loads models."""
     stages: list[Stage] = [DownloadStage(download)] if download is not None else []
-    stages += [TextStage(cur.text), ImageStage(cur.image)]
+    stages += [TextStage(cur.text, caption_normaliser=cur.dedup.caption_normaliser),
+               ImageStage(cur.image)]
     if cur.score.model:
         if scorer is None:
             raise ValueError(f"score.model={cur.score.model!r} is set but no scoring model was "

@@ -3,7 +3,9 @@
 Each live row's caption (UTF-8 bytes, str or None) is decoded strictly, cleaned (HTML entities
 and tags, Unicode whitespace and control characters, runs of spaces) and checked in order:
 missing, not UTF-8, empty, too short, too long, junk alt-text, wrong script, too few letters.
-Kept rows get the clean caption in ``TEXT`` and its :func:`text_signature` in ``TEXT_SIG``.
+Kept rows get the clean caption in ``TEXT`` and its :func:`text_signature` in ``TEXT_SIG``
+(under ``dedup.caption_normaliser``, which the plan hands in: captions differing only in case,
+punctuation or whitespace share a signature; any other word makes a different one).
 
     batch = TextStage(TextConfig(scripts=["latin", "cyrillic"]))(batch)
 """
@@ -195,15 +197,19 @@ class TextStage(Stage):
     resources = Resources(num_cpus=0.5, batch_size=None)   # whole blocks, the read's CPUs: fuses
     # the reader, this stage and the image stage into one task per input file
 
-    def __init__(self, cfg: TextConfig | None = None) -> None:
+    def __init__(self, cfg: TextConfig | None = None, *,
+                 caption_normaliser: str = "presentation") -> None:
         self.cfg = cfg or TextConfig()
+        self.caption_normaliser = caption_normaliser
         self._allowed = allowed_scripts(self.cfg.scripts)
         self._user = [re.compile(p, re.IGNORECASE) for p in self.cfg.junk_patterns]
 
     def process(self, batch: Batch) -> StageOutput:
         results = [self.clean(v) for v in batch[schema.TEXT]]
         texts, reasons, repairs = (_objects(r[i] for r in results) for i in range(3))
-        sigs = _objects([text_signature(t) if not r else "" for t, r in zip(texts, reasons)])
+        mode = self.caption_normaliser
+        sigs = _objects([text_signature(t, mode) if not r else ""
+                         for t, r in zip(texts, reasons)])
         return StageOutput(columns={schema.TEXT: texts, schema.TEXT_SIG: sigs},
                            reasons=reasons, repairs=repairs)
 
@@ -268,5 +274,6 @@ def _objects(values: Any) -> np.ndarray:
 
 
 __all__ = ["EMPTY_TEXT", "HTML_STRIPPED", "JUNK_ALT_TEXT", "MISSING_TEXT", "RAW_LENGTH_FACTOR",
-           "REASONS", "REPAIRS", "TEXT_NOT_UTF8", "TEXT_TOO_LONG",
-           "TEXT_TOO_SHORT", "TOO_FEW_LETTERS", "WHITESPACE_NORMALISED", "WRONG_LANGUAGE", "TextStage", "allowed_scripts", "letter_stats"]
+           "REASONS", "REPAIRS", "TEXT_NOT_UTF8", "TEXT_TOO_LONG", "TEXT_TOO_SHORT",
+           "TOO_FEW_LETTERS", "WHITESPACE_NORMALISED", "WRONG_LANGUAGE", "TextStage",
+           "allowed_scripts", "letter_stats"]
