@@ -1,5 +1,7 @@
 """``jobs/evaluate.py`` on runs stored on S3 (moto's server): the run's newest intact checkpoint
-is found, read and scored on the run's own held-out split, exactly as from a local copy.
+is found, read and scored on the run's own held-out split, exactly as from a local copy. A run
+without a held-out split, or a malformed ``--eval-source``, is explained (status 2), not traced
+back.
 
     pytest tests/test_evaluate_job.py -q
 """
@@ -7,6 +9,8 @@ is found, read and scored on the run's own held-out split, exactly as from a loc
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,11 @@ from tests.tiny_checkpoint import save_tiny_checkpoint
 from vlmray.config.data import SyntheticConfig
 from vlmray.data.storage import filesystem
 from vlmray.data.synthetic import write_synthetic
-from vlmray.train.checkpoint import STATE
+from vlmray.config import Config
+from vlmray.data.shards import write_shard
+from vlmray.data.synthetic import make_sample
+from vlmray.train.checkpoint import STATE, Progress, save_checkpoint
+from vlmray.train.state import build_core_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,3 +89,45 @@ def test_no_checkpoint_on_s3_says_so(s3_bucket: str, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main([f"{s3_bucket}/runs/none"])
     assert "no intact checkpoint under" in capsys.readouterr().err
+
+
+def _run_without_eval(root: Path) -> Path:
+    """A run trained on a source with ``train/`` and no ``eval/``: its checkpoint (step 2)."""
+    (root / "ds" / "train").mkdir(parents=True)
+    write_shard(str(root / "ds" / "train"), "shard-00000.tar",
+                [make_sample(SYN, "train", i) for i in range(4)])
+    cfg = Config()
+    cfg.data.source = str(root / "ds")
+    model = build_core_model(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    run = root / "run"
+    save_checkpoint(run / "ray" / "checkpoint_000002", model=model, optimizer=opt,
+                    scheduler=sched, progress=Progress(step=2), config=cfg.to_dict())
+    return run
+
+
+def test_a_run_without_eval_split_is_explained_not_traced_back(tmp_path: Path) -> None:
+    run = _run_without_eval(tmp_path)
+    done = subprocess.run([sys.executable, "jobs/evaluate.py", str(run)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert "has no held-out split" in done.stderr and "pass --eval-source" in done.stderr
+    assert '"eval": "none"' in done.stderr and "accepted shapes:" in done.stderr
+
+
+def test_a_bad_eval_source_is_explained(local_run: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "eval").mkdir()
+    write_shard(str(tmp_path / "eval"), "shard-00000.tar",
+                [make_sample(SYN, "eval", i) for i in range(4)])        # no class names
+    assert main([str(local_run), "--eval-source", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate: cannot evaluate on --eval-source: held-out split")
+    assert "no class names (looked for classes.json, classnames.json, classnames.txt)" in err
+    assert main([str(local_run), "--eval-source", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "eval" / "classnames.txt").write_text("\n".join(f"c{i}" for i in range(20)))
+    assert _evaluate(capsys, str(local_run), "--eval-source", str(tmp_path / "eval"))[
+        "eval_rows"] == 4

@@ -111,8 +111,8 @@ def _check_resume(run_dir: str, cfg: Config, resume: bool) -> None:
 
 def _check_local_sources(cfg: Config) -> None:
     """Before any work: every local training source has input files (its ``train/`` or
-    ``shards/`` folder, a folder of shards, a file or a glob) and a local
-    ``data.eval_source`` exists. Remote sources are listed when ingest plans them."""
+    ``shards/`` folder, a folder of shards, a file or a glob). Remote sources are listed when
+    ingest plans them; the held-out split is :func:`_check_eval_source`'s."""
     from vlmray.config.sources import is_builtin
     from vlmray.data.curation.readers import list_inputs
 
@@ -125,15 +125,46 @@ def _check_local_sources(cfg: Config) -> None:
             list_inputs(_resolve_source(cfg, spec, "")[0])
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{name}={spec!r}: {e}") from None
-    held_out = cfg.data.eval_source
-    if held_out and not is_remote(held_out) and not Path(held_out).exists():
-        raise ConfigError(f"data.eval_source={held_out!r} does not exist (a folder of "
-                          "held-out shards with classes.json)")
+
+
+def _check_eval_source(cfg: Config) -> str:
+    """Before any work: the held-out split (``data.eval_source``, else a non-built-in
+    source's ``eval/``) is one :mod:`vlmray.eval.sources` accepts: its shards or class
+    folders, class names and templates, and (local) the labels of its first
+    ``eval.max_samples`` rows. Returns the line to print at start: the split and where its
+    classes come from, or that the run has none (its ``metrics.json`` says ``"eval": "none"``).
+    Raises ``ConfigError`` naming the file looked for and the accepted shapes."""
+    from vlmray.config.sources import is_builtin
+    from vlmray.eval.sources import EvalSourceError, check_eval_source
+
+    uri, name = cfg.data.eval_source, "data.eval_source"
+    if not uri:
+        if is_builtin(cfg.data.source):
+            return "held-out split: the built-in data's eval/ (classes.json)"
+        uri, name = _resolve_source(cfg, cfg.data.source, "")[1], "data.source's eval/"
+        if not uri:
+            return (f"no held-out split: data.eval_source is unset and {cfg.data.source!r} has "
+                    "no eval/ folder, so zero-shot and retrieval are not measured "
+                    "(metrics.json: \"eval\": \"none\"); set data.eval_source to shards with "
+                    "classes.json / classnames.txt, or to an ImageNet-style <class>/<image> "
+                    "folder")
+    try:
+        src = check_eval_source(uri, max_samples=0 if is_remote(uri) else cfg.eval.max_samples)
+    except EvalSourceError as e:
+        raise ConfigError(f"{name}={uri!r}: {e}") from None
+    except OSError as e:      # unreadable storage: as the check of the training sources says
+        raise ConfigError(f"{name}={uri!r}: {type(e).__name__}: {e}") from None
+    if src.kind == "imagefolder" and cfg.data.retrieval.attach == "references":
+        raise ConfigError(f"{name}={uri!r} is an ImageNet-style folder: RA-CLIP's held-out "
+                          "references (data.retrieval.attach='references') read shards; point "
+                          "data.eval_source at shards with a class-names file")
+    return f"held-out split: {src.describe()}"
 
 
 def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunResult:
-    """Validates ``cfg``, then checks the run directory, a ``--resume``'s changes and the local
-    sources, all before any Ray work or any file is written; then curates, trains and
+    """Validates ``cfg``, then checks the run directory, a ``--resume``'s changes, the local
+    sources and the held-out split (printing which it is, or that there is none), all before
+    any Ray work or any file is written; then curates, trains and
     evaluates. ``config.json`` is written when training starts, so a run that fails before can
     be rerun as it was; a run that fails after the checks still writes ``metrics.json``, with
     the error (and re-raises it)."""
@@ -145,6 +176,7 @@ def run(cfg: Config, output: str | None = None, *, resume: bool = False) -> RunR
     _check_run_dir(run_dir, resume, cfg)
     _check_resume(run_dir, cfg, resume)
     _check_local_sources(cfg)
+    print(f"[vlmray] {_check_eval_source(cfg)}", flush=True)
     t0 = time.perf_counter()
     try:
         return _run(cfg, run_dir, resume=resume, t0=t0)
@@ -236,16 +268,33 @@ def _index_summary(stats: dict[str, Any]) -> str:
     return "; ".join(parts) or str(stats)
 
 
-def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any], wall_s: float) -> dict[str, Any]:
+_EVAL_KEYS = ("zero_shot_top1", "zero_shot_top5", "zero_shot_chance", "retrieval_i2t_r1",
+              "retrieval_i2t_r5", "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5",
+              "retrieval_t2i_r10")
+
+
+def _summarise(rows: list[dict[str, Any]], ingest: dict[str, Any],
+               wall_s: float) -> dict[str, Any]:
+    """``metrics.json``'s figures from the history rows: the last evaluation's (flat names,
+    ``last_eval_step``), the best one by zero-shot top-1 (``best_zero_shot_top1``,
+    ``best_step``, ``best_eval`` with its figures; the earliest on a tie), ``evaluations``
+    and ``eval`` (``"held-out"``, or ``"none"`` when the run made no evaluation), then the
+    training figures and ``ingest``'s counts."""
     evals = [r for r in rows if "zero_shot_top1" in r]
     last_eval = evals[-1] if evals else {}
+    scored = [r for r in evals if isinstance(r["zero_shot_top1"], (int, float))
+              and r["zero_shot_top1"] == r["zero_shot_top1"]]           # not None, not NaN
+    best = max(scored, key=lambda r: r["zero_shot_top1"], default={})
     throughput = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
-    keys = ("zero_shot_top1", "zero_shot_top5", "zero_shot_chance", "retrieval_i2t_r1",
-            "retrieval_i2t_r5", "retrieval_i2t_r10", "retrieval_t2i_r1", "retrieval_t2i_r5",
-            "retrieval_t2i_r10")
     return {
-        **{k: last_eval.get(k) for k in keys},
+        **{k: last_eval.get(k) for k in _EVAL_KEYS},
         **_other_eval_metrics(rows, last_eval),
+        "eval": "held-out" if evals else "none",
+        "evaluations": len(evals),
+        "last_eval_step": last_eval.get("step"),
+        "best_zero_shot_top1": best.get("zero_shot_top1"),
+        "best_step": best.get("step"),
+        "best_eval": {k: best[k] for k in _EVAL_KEYS if k in best},
         "final_loss": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
         "steps": rows[-1]["step"] if rows else 0,
         "skipped_steps": rows[-1].get("skipped_steps", 0) if rows else 0,
