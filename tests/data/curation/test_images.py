@@ -150,7 +150,11 @@ def test_size_and_aspect_ratio() -> None:
         return _row(_encode(Image.fromarray(_pattern(w, h))), ImageConfig(**kw))["reason"]
 
     assert size(8, 8) == IMAGE_TOO_SMALL
-    assert size(15, 200) == IMAGE_TOO_SMALL
+    assert size(15, 40) == IMAGE_TOO_SMALL                    # small, aspect fine
+    # both fail: the aspect check speaks first (a strip is a strip, issue 21)
+    assert size(15, 200) == BAD_ASPECT_RATIO
+    assert size(4000, 8) == BAD_ASPECT_RATIO
+    assert size(8, 4000) == BAD_ASPECT_RATIO
     assert size(16, 16) == ""
     assert size(90, 30) == ""                                 # exactly max_aspect
     assert size(100, 30) == BAD_ASPECT_RATIO

@@ -24,6 +24,7 @@ from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import (
     COLUMNS,
+    READ_REASONS,
     list_inputs,
     read_file,
     read_inputs,
@@ -109,6 +110,11 @@ def test_truncated_tar_keeps_rows_before_the_cut(tmp_path, caplog, cut: str) -> 
     if cut == "mid_member":                      # the sample whose image was cut: no image
         assert batch[schema.KEY][3] == "s003" and batch[schema.IMAGE][3] is None
     assert len(batch[schema.KEY]) == complete + (cut == "mid_member")
+    # only the row the cut went through is truncated_shard (a read reject), never the whole rows
+    reasons = ["truncated_shard" if cut == "mid_member" and i == 3 else ""
+               for i in range(len(batch[schema.KEY]))]
+    assert list(batch[schema.REJECT_REASON]) == reasons and "truncated_shard" in READ_REASONS
+    assert list(batch[schema.REJECT_STAGE]) == ["read" if r else "" for r in reasons]
     assert any("cut.tar" in r.getMessage() and "truncated" in r.getMessage()
                for r in caplog.records)
 

@@ -3,9 +3,9 @@
 Each live row's bytes are opened (web formats only), checked against a decompression-bomb
 limit from the header, fully decoded (truncation is an error), repaired (EXIF orientation,
 first frame of animations, CMYK, transparency on white, 16-bit and float greyscale scaled to
-8 bits), checked for size and aspect ratio, resized and re-encoded without metadata, so the same
-input bytes always give the same output bytes. The guarded decode (:func:`decode_rgb`: format
-allow-list, header pixel limit, bombs and truncation as reasons) is also training's
+8 bits), checked for aspect ratio then size, resized and re-encoded without metadata, so the
+same input bytes always give the same output bytes. The guarded decode (:func:`decode_rgb`:
+format allow-list, header pixel limit, bombs and truncation as reasons) is also training's
 (:mod:`vlmray.data.decode`), so both reject the same bytes for the same reasons.
 
     batch = ImageStage(ImageConfig(target_size=384, format="webp"))(batch)
@@ -205,11 +205,13 @@ def decode_rgb(data: bytes | None, *, max_pixels: int,
 
 
 def check_size(width: int, height: int, cfg: ImageConfig) -> str:
-    """The reject reason of an image of this (oriented) size, or ""."""
-    if min(width, height) < cfg.min_side:
-        return IMAGE_TOO_SMALL
+    """The reject reason of an image of this (oriented) size, or "". The aspect ratio is
+    checked first: a 4000x8 strip is ``bad_aspect_ratio`` (what is wrong with it), though its
+    short side is also under ``min_side``."""
     if max(width, height) > cfg.max_aspect * min(width, height):
         return BAD_ASPECT_RATIO
+    if min(width, height) < cfg.min_side:
+        return IMAGE_TOO_SMALL
     return ""
 
 

@@ -15,7 +15,9 @@ here, with a reason, and never read or never reaches a writer (:data:`READ_REASO
   ``url_belongs_in_url_column`` (the downloader fetches URLs, with its checks);
 * a path that is not a regular file (``/dev/zero``, a directory): ``image_path_not_a_file``;
 * an image file or tar member over ``read.max_bytes``: ``file_too_large``, from its size,
-  before its bytes are read.
+  before its bytes are read;
+* the last row of a tar that ends early, when it was cut: ``truncated_shard``
+  (:mod:`vlmray.data.curation.truncation`).
 
     list_inputs("s3://raw/laion/")            # [("s3://raw/laion/00000.tar", "webdataset"), ...]
     ds = read_inputs("s3://raw/laion/")       # Ray Data: one read task per input file
@@ -49,6 +51,7 @@ from vlmray.data.curation.image_paths import (
     URL_BELONGS_IN_URL_COLUMN,
     read_images,
 )
+from vlmray.data.curation.truncation import TRUNCATED_SHARD, lacks_end_marker, mark_cut
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.shards import member_group, sample_key, valid_key
 from vlmray.data.storage import arrow_filesystem, filesystem, to_uri
@@ -71,7 +74,7 @@ READ_STAGE = "read"
 """The ``REJECT_STAGE`` of rows the read rejects (a stage of the curation stats)."""
 INVALID_KEY = "invalid_key"
 READ_REASONS = (INVALID_KEY, IMAGE_PATH_OUTSIDE_INPUT, URL_BELONGS_IN_URL_COLUMN,
-                IMAGE_PATH_NOT_A_FILE, FILE_TOO_LARGE)
+                IMAGE_PATH_NOT_A_FILE, FILE_TOO_LARGE, TRUNCATED_SHARD)
 _EXTENSIONS = {".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
                ".parquet": "parquet", ".csv": "urls", ".tsv": "urls", ".jsonl": "urls",
                ".txt": "urls"}
@@ -232,11 +235,11 @@ def _tar_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
 def _read_tar(uri: str, max_bytes: int) -> list[dict[str, Any]]:
     """Rows of a tar in member order; a group that re-appears (or repeats a member) is a new
     row. A member over ``max_bytes`` is skipped unread (the stream seeks past it) and its row
-    rejected (``file_too_large``)."""
+    rejected (``file_too_large``); a last row cut by a truncated tar is ``truncated_shard``."""
     fs, path = filesystem(uri)
     rows: list[dict[str, Any]] = []
     row: dict[str, Any] = {}
-    group, seen = "", set()
+    group, seen, reading = "", set(), False
     tar = None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -254,14 +257,18 @@ def _read_tar(uri: str, max_bytes: int) -> list[dict[str, Any]]:
                 if info.size > max_bytes:
                     row[schema.REJECT_REASON] = row[schema.REJECT_REASON] or FILE_TOO_LARGE
                     continue
+                reading = True
                 data = tar.extractfile(info)
                 value = data.read() if data else b""
+                reading = False
                 row[col] = value.decode("utf-8", "replace") if col == schema.META else value
     except _TAR_ERRORS as e:
-        log.warning("truncated or corrupt tar %s: kept %d rows (the last may be partial): %s",
-                    uri, len(rows), e)
+        cut = mark_cut(rows[-1] if rows else None, inside_member=reading)
+        log.warning("truncated or corrupt tar %s: kept %d rows (%s): %s", uri, len(rows),
+                    "the last one cut: truncated_shard" if cut else "the last one whole", e)
         return rows
-    if tar is not None and _extension(path) == ".tar" and fs.size(path) < tar.offset + 1024:
+    if _extension(path) == ".tar" and lacks_end_marker(fs.size(path), tar):
+        mark_cut(rows[-1] if rows else None, inside_member=False)
         log.warning("truncated tar %s: no end-of-archive marker after %d rows", uri, len(rows))
     return rows
 
@@ -381,5 +388,5 @@ def read_inputs_local(uri: str, cfg: ReadConfig | None = None) -> Batch:
     return {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
 
 
-__all__ = ["ARROW_SCHEMA", "COLUMNS", "INVALID_KEY", "READ_REASONS", "READ_STAGE", "list_inputs",
-           "read_file", "read_inputs", "read_inputs_local"]
+__all__ = ["ARROW_SCHEMA", "COLUMNS", "INVALID_KEY", "READ_REASONS", "READ_STAGE",
+           "TRUNCATED_SHARD", "list_inputs", "read_file", "read_inputs", "read_inputs_local"]

@@ -42,6 +42,7 @@ from vlmray.data.curation.readers import (
     _to_batch,
     read_file,
 )
+from vlmray.data.curation.truncation import lacks_end_marker, mark_cut
 from vlmray.data.shards import sample_key
 from vlmray.data.storage import arrow_filesystem, filesystem
 
@@ -124,6 +125,7 @@ def _tar_rows(uri: str, wanted: set[int], cfg: ReadConfig, offset: int | None,
     fs, path = filesystem(uri)
     first, last = (start if offset is not None else 0), max(wanted)
     found: dict[int, dict[str, Any]] = {}
+    i, reading = -1, False
     with fs.open(path, "rb") as f:
         tar, _ = _open_tar(f, uri, offset)
         if tar is None:
@@ -142,10 +144,16 @@ def _tar_rows(uri: str, wanted: set[int], cfg: ReadConfig, offset: int | None,
                 if info.size > cfg.max_bytes:
                     row[schema.REJECT_REASON] = row[schema.REJECT_REASON] or FILE_TOO_LARGE
                     continue
+                reading = True
                 data = tar.extractfile(info)
                 value = data.read() if data else b""
+                reading = False
                 row[col] = value.decode("utf-8", "replace") if col == schema.META else value
+            else:                                  # parsed to the end: is the end marker there?
+                if _extension(uri) == ".tar" and lacks_end_marker(fs.size(path), tar):
+                    mark_cut(found.get(i), inside_member=False)
         except _TAR_ERRORS as e:
+            mark_cut(found.get(i), inside_member=reading)   # i: the last row, cut or whole
             log.warning("truncated or corrupt tar %s: kept the rows before the cut: %s", uri, e)
     return found
 
