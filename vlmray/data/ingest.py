@@ -69,8 +69,9 @@ DECODE_CPUS, SPLIT_CPUS = 0.5, 0.25
 actors of retrieval stages, which hold their CPUs for the whole run: whole-core tasks could
 never be scheduled on a 2-core node then, and the stream would wait forever."""
 _PASS_THROUGH = (schema.ROW_ID, schema.LANE_POS, schema.SHA256, schema.PHASH, schema.TEXT_SIG,
-                 schema.CLIP_SCORE,
-                 schema.DUPLICATE_OF, *REFERENCE_COLUMNS, *FALLBACK_COLUMNS)
+                 schema.CLIP_SCORE, schema.DUPLICATE_OF, schema.SOURCE, schema.URL,
+                 schema.REPAIRS, *REFERENCE_COLUMNS, *FALLBACK_COLUMNS)
+# SOURCE, URL, DUPLICATE_OF, REPAIRS: for the rejects file (vlmray.data.stream.SplitStage)
 
 
 class DecodeStage:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vlmray.data import schema
-from vlmray.data.curation.accounting import check_identity
+from vlmray.data.curation.accounting import REJECT_COLUMNS, check_identity
 from vlmray.data.storage import arrow_filesystem, join
 
 _ROW_BITS = 32
@@ -119,8 +119,9 @@ class StreamTally:
 
 class SplitStage:
     """Ray Data batch function over decoded rows: counts new rows with the tally, writes new
-    rejected rows (key, text, stage, reason) as one parquet file per batch, and returns the
-    accepted rows' training columns."""
+    rejected rows (the curation job's reject columns: key, text, url, source, row_id, stage,
+    reason, duplicate_of, repairs) as one parquet file per batch, and returns the accepted
+    rows' training columns."""
 
     def __init__(self, tally: Any, rejects_uri: str | None, columns: list[str]) -> None:
         self.tally, self.rejects_uri, self.columns = tally, rejects_uri, columns
@@ -133,21 +134,37 @@ class SplitStage:
         new = ray.get(self.tally.add.remote(batch[schema.ROW_ID], reasons, fallbacks))
         rejected = new & (reasons != "")
         if self.rejects_uri and rejected.any():
-            self._write_rejects({c: batch[c][rejected] for c in (
-                schema.KEY, schema.TEXT, schema.REJECT_STAGE, schema.REJECT_REASON)},
-                batch[schema.ROW_ID][rejected])
+            self._write_rejects({c: batch[c][rejected] for c in REJECT_COLUMNS if c in batch},
+                                batch[schema.ROW_ID][rejected])
         keep = reasons == ""
         return {c: batch[c][keep] for c in self.columns}
 
     def _write_rejects(self, cols: dict[str, np.ndarray], row_ids: np.ndarray) -> None:
+        """One parquet file of rejected rows with curation's columns (:data:`REJECT_COLUMNS`,
+        in its order, sorted by ``ROW_ID``): a column the batch lacks (``duplicate_of``
+        without dedup, ``url`` without a downloader) is "", ``row_id`` int64."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         digest = hashlib.sha1(np.sort(row_ids).tobytes()).hexdigest()[:16]
         fs, path = arrow_filesystem(join(self.rejects_uri, f"stream-{digest}.parquet"))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        table = pa.table({c: pa.array([str(v) for v in values]) for c, values in cols.items()})
+        order = np.argsort(np.asarray(row_ids, dtype=np.int64), kind="stable")
+        table = pa.table({c: pa.array(np.asarray(row_ids, dtype=np.int64)[order], pa.int64())
+                          if c == schema.ROW_ID else
+                          pa.array([_text(v) for v in np.asarray(
+                              cols.get(c, [""] * len(order)), dtype=object)[order]], pa.string())
+                          for c in REJECT_COLUMNS})
         pq.write_table(table, path, filesystem=fs)
+
+
+def _text(value: Any) -> str:
+    """A rejects-file value as str: bytes decoded (with replacement), None / NaN -> ""."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
 
 
 def stream_summary(tally: Any) -> dict[str, Any]:

@@ -46,7 +46,12 @@ from vlmray.config import ConfigError
 from vlmray.config.curation import IMAGE_SUFFIX
 from vlmray.config.jobs import CurateJobConfig
 from vlmray.data import schema
-from vlmray.data.curation.accounting import check_identity, count_batch, stage_stats
+from vlmray.data.curation.accounting import (
+    REJECT_COLUMNS,
+    check_identity,
+    count_batch,
+    stage_stats,
+)
 from vlmray.data.curation.piece_writer import write_shards_streamed
 from vlmray.data.curation.plan import apply_row_stages, global_stages, repair_stages, row_stages
 from vlmray.data.curation.readers import READ_STAGE, list_inputs, read_inputs
@@ -63,8 +68,6 @@ from vlmray.data.synthetic import ensure_synthetic
 from vlmray.embedders import scorer_for
 from vlmray.runtime import init_ray
 
-REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
-                  schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
 EXIT_AFTER_STAGING = "VLMRAY_TEST_EXIT_AFTER_STAGING"   # test hook: die once staging is written
 JOB = "curate"
 

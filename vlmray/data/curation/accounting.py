@@ -20,6 +20,12 @@ from vlmray.data import schema
 from vlmray.data.curation.stage import Batch, num_rows
 
 ROWS, REJECT, REPAIR = "rows", "reject", "repair"
+REJECT_COLUMNS = (schema.KEY, schema.TEXT, schema.URL, schema.SOURCE, schema.ROW_ID,
+                  schema.REJECT_STAGE, schema.REJECT_REASON, schema.DUPLICATE_OF, schema.REPAIRS)
+"""The columns of every ``rejects/`` file, the curation job's and training's alike: what a row
+was (key, caption, URL, the input file it came from, its ``ROW_ID``), who rejected it and why
+(stage, reason, the key it duplicates), and what was repaired before. ``ROW_ID`` is int64, the
+rest str ("" where a row has no value)."""
 
 
 class AccountingError(RuntimeError):
@@ -84,4 +90,4 @@ def check_identity(rows_in: int, *, rows_out: int, rows_rejected: int, where: st
             f"{rows_out} out + {rows_rejected} rejected ({rows_in - rows_out - rows_rejected:+d})")
 
 
-__all__ = ["AccountingError", "check_identity", "count_batch", "reason_totals", "stage_stats"]
+__all__ = ["REJECT_COLUMNS", "AccountingError", "check_identity", "count_batch", "reason_totals", "stage_stats"]

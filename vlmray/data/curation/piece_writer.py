@@ -129,6 +129,11 @@ def write_piece(table: pa.Table, *, pieces_uri: str, keep: Keep | None = None,
     if rejects_uri and not mask.all():
         cols = [c for c in reject_columns if c in table.column_names]
         rejected = table.filter(pa.array(~mask)).sort_by(schema.ROW_ID).select(cols)
+        for c in reject_columns:                 # every rejects file has every column
+            if c not in cols:                    # (duplicate_of without dedup...): ""
+                rejected = rejected.append_column(c, pa.array([""] * rejected.num_rows,
+                                                              pa.string()))
+        rejected = rejected.select(list(reject_columns))
         _put_parquet(join(rejects_uri, f"rejects-{_digest(ids[~mask])}"), rejected)
     extra = json.dumps(summarize(table)) if summarize else ""
     ints = pa.list_(pa.int64())
