@@ -90,4 +90,5 @@ def check_identity(rows_in: int, *, rows_out: int, rows_rejected: int, where: st
             f"{rows_out} out + {rows_rejected} rejected ({rows_in - rows_out - rows_rejected:+d})")
 
 
-__all__ = ["REJECT_COLUMNS", "AccountingError", "check_identity", "count_batch", "reason_totals", "stage_stats"]
+__all__ = ["REJECT_COLUMNS", "AccountingError", "check_identity", "count_batch", "reason_totals",
+           "stage_stats"]
