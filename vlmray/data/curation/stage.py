@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 
 from vlmray.config.data import PlacementConfig
 from vlmray.data import schema
+from vlmray.data.curation.blocks import column_types, to_block, to_numpy
 from vlmray.data.placement import remote_args
 
 if TYPE_CHECKING:
@@ -147,6 +149,13 @@ class Stage:
             mark_rejected(batch, live, np.asarray(out.reasons, dtype=object), self.name)
         return batch
 
+    def on_block(self, block: pa.Table) -> pa.Table:
+        """:meth:`__call__` on an Arrow block, as Ray Data runs the stage
+        (:func:`apply_stage`): a column keeps one Arrow type in every block it emits, also
+        where a block's values are all None (:mod:`vlmray.data.curation.blocks`)."""
+        types = column_types(block.schema, self.str_columns)
+        return to_block(self(to_numpy(block)), types)
+
 
 def as_str_column(values: np.ndarray) -> np.ndarray:
     """Object column with bytes decoded as UTF-8 (with replacement); None stays None."""
@@ -204,30 +213,32 @@ def mark_rejected(batch: Batch, rows: np.ndarray, reasons: np.ndarray, stage: st
 
 
 class StageActor:
-    """Runs a stage in a Ray actor: ``setup`` in the constructor, once per actor."""
+    """Runs a stage in a Ray actor: ``setup`` in the constructor, once per actor; Arrow
+    blocks in and out (:meth:`Stage.on_block`)."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         stage.setup()
         stage._ready = True
 
-    def __call__(self, batch: Batch) -> Batch:
-        return self.stage(batch)
+    def __call__(self, block: pa.Table) -> pa.Table:
+        return self.stage.on_block(block)
 
 
 def apply_stage(ds: ray.data.Dataset, stage: Stage,
                 placement: PlacementConfig | None = None) -> ray.data.Dataset:
     """Add ``stage`` to a Ray Data plan, with its declared resources and the custom resources
-    ``placement`` gives data (or, for model stages, model) stages."""
+    ``placement`` gives data (or, for model stages, model) stages. It runs on Arrow blocks
+    (:meth:`Stage.on_block`), so every column keeps one Arrow type across blocks."""
     r = stage.resources
-    kwargs: dict[str, Any] = {"batch_format": "numpy", "batch_size": r.batch_size,
+    kwargs: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": r.batch_size,
                               **remote_args(placement, r.num_cpus, model=r.model)}
     if r.num_gpus:
         kwargs["num_gpus"] = r.num_gpus
     if r.actors:
         return ds.map_batches(StageActor, fn_constructor_args=(stage,), concurrency=r.actors,
                               **kwargs)
-    return ds.map_batches(stage, **kwargs)
+    return ds.map_batches(stage.on_block, **kwargs)   # "MapBatches(<Stage>.on_block)"
 
 
 # --- whole-dataset decisions -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
@@ -40,11 +41,13 @@ from vlmray.data.curation.stage import (
     StageOutput,
     filled,
 )
-from vlmray.data.storage import arrow_filesystem, exists, filesystem, join, open_write, remove
+from vlmray.data.curation.staging import check, describe, read_done
+from vlmray.data.storage import arrow_filesystem, filesystem, join, open_write, remove
 
 if TYPE_CHECKING:
     import ray.data
 
+log = logging.getLogger(__name__)
 _ROW_BITS = 32
 SIGNATURES, DECISIONS, DONE = "signatures", "decisions", "_SUCCESS"
 FILES_INDEX = "_files.json"
@@ -147,14 +150,20 @@ def stage_rows(rows: ray.data.Dataset, uri: str) -> None:
 
 
 def stage_once(rows: Callable[[], ray.data.Dataset], uri: str, *, fingerprint: str) -> str:
-    """:func:`stage_rows` into ``<uri>/rows`` unless a finished staging with the same
-    fingerprint is there (``<uri>/_SUCCESS``); returns the rows' URI."""
+    """:func:`stage_rows` into ``<uri>/rows`` unless a complete, valid staging with the same
+    fingerprint is there (``<uri>/_SUCCESS`` records every file, its size and rows:
+    :mod:`vlmray.data.curation.staging`); else ``uri`` (with the decisions under it) is
+    removed and the rows staged again. Returns the rows' URI."""
     out, done = join(uri, "rows"), join(uri, DONE)
-    if _cached(done, fingerprint) is None:
+    record = _cached(done, fingerprint)
+    problem = "no finished staging with these settings" if record is None else check(record, out)
+    if problem:
+        if record is not None:
+            log.warning("staging %s is not reused (%s): rebuilding it", uri, problem)
         remove(uri)
         stage_rows(rows(), out)
         with open_write(done) as fh:
-            json.dump({"fingerprint": fingerprint, "rows": out}, fh)
+            json.dump({"fingerprint": fingerprint, "rows": out, **describe(out)}, fh)
     return out
 
 
@@ -218,12 +227,10 @@ def _decide_task(sig_uri: str, stages: Sequence[GlobalStage], out: str,
 
 
 def _cached(done: str, fp: str) -> dict[str, Any] | None:
-    if not exists(done):
-        return None
-    fs, path = filesystem(done)
-    with fs.open(path, "r") as fh:
-        summary = json.load(fh)
-    return summary if summary.get("fingerprint") == fp else None
+    """The ``_SUCCESS`` record written with fingerprint ``fp``; None when absent, unreadable
+    or of other settings."""
+    summary = read_done(done)
+    return summary if summary is not None and summary.get("fingerprint") == fp else None
 
 
 def global_decisions(rows: Callable[[], ray.data.Dataset] | None,
@@ -234,8 +241,9 @@ def global_decisions(rows: Callable[[], ray.data.Dataset] | None,
 
     ``rows`` builds the lazy pass-1 plan (called only when there is no cache); or ``staged``
     names rows already on storage (:func:`stage_rows`), whose compact columns are read in
-    place. ``remote_args`` (custom resources) place pass 1's writer and the deciding task. Returns the summary written to ``<cache_root>/_SUCCESS``: fingerprint, live rows,
-    rows each stage rejects, and ``decisions`` (the root :func:`decision_stages` reads).
+    place. ``remote_args`` (custom resources) place pass 1's writer and the deciding task.
+    Returns the summary written to ``<cache_root>/_SUCCESS``: fingerprint, live rows, rows
+    each stage rejects, and ``decisions`` (the root :func:`decision_stages` reads).
     """
     import ray
 
@@ -320,5 +328,5 @@ def decision_stages(decisions_root: str, stages: Sequence[GlobalStage]) -> list[
 
 __all__ = ["DECISIONS", "DONE", "FileDecisions", "SIGNATURES", "compact_columns",
            "decide_all", "decision_stages", "file_index", "fingerprint", "global_decisions",
-           "inputs_fingerprint", "read_compact", "read_staged", "signature_pass", "stage_once", "stage_rows",
-           "write_decisions"]
+           "inputs_fingerprint", "read_compact", "read_staged", "signature_pass", "stage_once",
+           "stage_rows", "write_decisions"]
