@@ -39,7 +39,8 @@ DISTINCT = [
 ]
 # Presentation variants of one caption: case, punctuation, whitespace, full-width forms.
 REPEATS = ["A red circle.", "a red circle", "A  RED circle!", "a red, circle",
-           " a red circle ", "a red circle...", "\"a red circle\"", "Ａ ｒｅｄ ｃｉｒｃｌｅ", "a red circle ?"]
+           " a red circle ", "a red circle...", "\"a red circle\"", "Ａ ｒｅｄ ｃｉｒｃｌｅ",
+           "a red circle ?"]
 
 
 def _table(texts: list[str], mode: str = "presentation") -> dict[str, np.ndarray]:
