@@ -191,3 +191,17 @@ def test_the_numpy_path_reproduces_the_clash(tmp_path: Path) -> None:
     uri = _shard_set(tmp_path / "in", sizes, sidecar)
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError), match="meta"):
         _one_type_per_column(_curate(uri, tmp_path, 8, numpy_stages=True))
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 256])
+def test_mixed_sidecars_through_training_ingest_without_curation(tmp_path: Path,
+                                                                 block_rows: int) -> None:
+    sizes, sidecar = SETS["one_sidecar_in_all"]
+    uri = _shard_set(tmp_path / "in", sizes, sidecar, caption=lambda s, i: i % 9 != 2)
+    blocks = [t for i, (u, fmt) in enumerate(list_inputs(uri))
+              for t in read_arrow(u, i, fmt, None, block_rows=block_rows)]
+    assert {str(b.schema.field(schema.META).type) for b in blocks} == {"string"}
+    decoded = _one_type_per_column(_run(blocks, _numpy_udf(DecodeStage(DataConfig())), 256))
+    assert decoded.num_rows == sum(sizes)
+    labels = decoded[schema.LABEL].to_pylist()
+    assert sum(label >= 0 for label in labels) == 1                  # the one sidecar
