@@ -23,8 +23,10 @@ Two passes (:mod:`vlmray.data.curation.twopass`): pass 1 streams the per-row sta
 columns of the staged live rows (row id, key, hashes, score); pass 2 streams the staged rows,
 joins the decisions by row id, and the streamed writer turns the kept rows into shards.
 
-Resuming: re-running with the same settings reuses ``_staging`` when it is complete and skips
-shards already written; the output is the same as an uninterrupted run's. Before Ray starts,
+Resuming: re-running with the same settings reuses ``_staging`` when it is complete and valid
+(its ``_SUCCESS`` names every staged file with its size and rows, all there, readable, one type
+per column; else it is rebuilt: :mod:`vlmray.data.curation.staging`) and skips shards already
+written; the output is the same as an uninterrupted run's. Before Ray starts,
 the output must be apart from the input (not it, not inside it, not holding it) and new, empty
 or this curation's own (:mod:`vlmray.data.outputs`): a folder of stray shards or another
 job's files is refused rather than counted, overwritten or deleted.
