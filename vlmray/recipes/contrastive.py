@@ -14,8 +14,11 @@ from vlmray.recipes.registry import RECIPES
 @RECIPES.register("clip_tiny")
 def clip_tiny() -> Config:
     """CLIP on the built-in noisy data: a 3-layer ViT (32 px, 8 px patches) and a 2-layer BERT,
-    128-d embeddings; learns zero-shot well above chance in a few minutes on 2 CPU cores."""
-    return Config(recipe="clip_tiny", objectives=[ObjectiveSpec(name="clip")])
+    128-d embeddings; learns zero-shot well above chance in a few minutes on 2 CPU cores. The
+    curation text, image and dedup checks run as a streamed prefix (``data.curate``), so the
+    junk alt-text, near-duplicates and corrupt rows are dropped and counted."""
+    return Config(recipe="clip_tiny", data=DataConfig(curate=True),
+                  objectives=[ObjectiveSpec(name="clip")])
 
 
 @RECIPES.register("clip_vit_b16")
