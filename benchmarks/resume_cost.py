@@ -111,7 +111,7 @@ def measure(code: Path, data: Path, out: Path, position: int, args: argparse.Nam
     ``position`` (trained there first)."""
     run = out / f"run-{position}"
     base = {"data.source": str(data), "data.image_size": args.image_size,
-            "train.batch_size": args.batch, "train.num_workers": 1,
+            "train.batch_size": args.batch, "train.num_workers": 1, "data.curate": False,
             "train.checkpoint_every": 0, "eval.every": 0, "eval.max_samples": 64}
     _child(code, run, {**base, "train.steps": position, "train.log_every": position},
            resume=False, after=0, cpus=args.cpus)
