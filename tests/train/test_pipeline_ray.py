@@ -29,6 +29,7 @@ SMALL = {
     "eval.every": 4, "eval.max_samples": 60, "data.synthetic.num_train": 400,
     "data.synthetic.num_eval": 60, "data.synthetic.shard_size": 200,
     "data.synthetic.corrupt_frac": 0.02, "data.synthetic.overlong_frac": 0.02,
+    "data.curate": False,      # the plain stream's counts (clip_tiny curates by default)
     **TINY_MODEL,
 }
 
