@@ -83,11 +83,6 @@ class LaneFeed:
         rows.context.execution_options.preserve_order = True
         return rows
 
-    def whole_plan(self, *, seed: int = 0) -> ray.data.Dataset:
-        """Every unit in order (epoch 0's rows, one lane): for a first look at the rows."""
-        return self.lane_plan([(i, Item(u)) for i, u in enumerate(range(len(self.units)))],
-                              epoch=0, seed=seed)
-
 
 def lane_share(placement: PlacementConfig, lanes: int) -> PlacementConfig:
     """``placement`` with the object-store and CPU budgets split over ``lanes`` plans (an

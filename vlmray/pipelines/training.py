@@ -78,8 +78,7 @@ def _lane_feed(cfg: Config, run_dir: str, train_uris: list[str],
     from vlmray.pipelines.lanes import plan_feed
 
     feeds = [plan_feed(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
-    check_accepted(cfg, run_dir, [bool(f.whole_plan(seed=cfg.train.seed).limit(1).take(1))
-                                  for f in feeds],
+    check_accepted(cfg, run_dir, [_yields_rows(f, cfg.train.seed) for f in feeds],
                    lambda: [stream_summary(f.tally) for f in feeds])
     sizes = [f.rows for f in feeds] if cfg.data.sampling == "single_source" else None
     print(f"[vlmray] ingest: streaming in the exact epoch order ("
@@ -87,6 +86,20 @@ def _lane_feed(cfg: Config, run_dir: str, train_uris: list[str],
           f" counts follow training)", flush=True)
     return TrainingFeed({}, feeds, sizes, _summary_of(cfg, [f.tally for f in feeds]),
                         lanes=True)
+
+
+def _yields_rows(feed: Any, seed: int) -> bool:
+    """Whether a source yields any accepted row: a peek at its first unit, then its first 16,
+    then all of them, so it reads only as far as it must (the tally counts each row it reads
+    once all the same)."""
+    from vlmray.data.order import Item
+
+    n = len(feed.units)
+    for k in sorted({1, min(16, n), n}):
+        items = [(i, Item(i)) for i in range(k)]
+        if feed.lane_plan(items, epoch=0, seed=seed).limit(1).take(1):
+            return True
+    return False
 
 
 def _summary_of(cfg: Config, tallies: list[Any]) -> Callable[[], dict[str, Any]]:
