@@ -49,8 +49,8 @@ from vlmray.data.curation.image_paths import (
     IMAGE_PATH_NOT_A_FILE,
     IMAGE_PATH_OUTSIDE_INPUT,
     URL_BELONGS_IN_URL_COLUMN,
-    read_images,
 )
+from vlmray.data.curation.table_rows import table_rows
 from vlmray.data.curation.truncation import TRUNCATED_SHARD, lacks_end_marker, mark_cut
 from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.shards import member_group, sample_key, valid_key
@@ -273,20 +273,6 @@ def _read_tar(uri: str, max_bytes: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _text_bytes(value: Any) -> bytes | None:
-    """Caption bytes as given: str is encoded back (CSVs are read with surrogateescape)."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8", "surrogateescape")
-
-
-def _meta_str(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else json.dumps(
-        value, default=str)
-
-
 def _table_columns(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
     """All columns of a CSV/TSV/JSONL/TXT file as lists (parquet is read by column)."""
     ext = _extension(uri)
@@ -326,17 +312,7 @@ def _read_table(uri: str, cfg: ReadConfig) -> dict[str, list[Any]]:
         columns = _table_columns(uri, cfg)
         roles = _resolve_columns(list(columns), cfg, uri, need_image_or_url=True)
         n = len(next(iter(columns.values()), []))
-
-    def col(role: str) -> list[Any]:
-        return columns[roles[role]] if roles[role] else [None] * n
-
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    images, reasons = read_images(col("image"), col("image_path"), base, cfg)
-    return {schema.KEY: [None if v is None else str(v) for v in col("key")],
-            schema.IMAGE: images, schema.REJECT_REASON: reasons,
-            schema.TEXT: [_text_bytes(v) for v in col("text")],
-            schema.META: [_meta_str(v) for v in col("meta")],
-            schema.URL: ["" if v is None else str(v).strip() for v in col("url")]}
+    return table_rows(columns, roles, n, uri, cfg)
 
 
 def read_file(uri: str, file_index: int, fmt: str, cfg: ReadConfig | None = None) -> Batch:

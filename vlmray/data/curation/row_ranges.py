@@ -28,20 +28,19 @@ import pyarrow.parquet as pq
 
 from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
-from vlmray.data.curation.image_paths import FILE_TOO_LARGE, read_images
+from vlmray.data.curation.image_paths import FILE_TOO_LARGE
 from vlmray.data.curation.readers import (
     _ROW_COLUMNS,
     _TAR_ERRORS,
     COLUMNS,
     Batch,
     _extension,
-    _meta_str,
     _resolve_columns,
     _tar_member,
-    _text_bytes,
     _to_batch,
     read_file,
 )
+from vlmray.data.curation.table_rows import table_rows
 from vlmray.data.curation.truncation import lacks_end_marker, mark_cut
 from vlmray.data.shards import sample_key
 from vlmray.data.storage import arrow_filesystem, filesystem
@@ -178,18 +177,7 @@ def _parquet_rows(uri: str, select: np.ndarray, cfg: ReadConfig) -> dict[str, li
         local = select - (ends - sizes)[groups] + first_in_read[np.searchsorted(used, groups)]
         wanted = list(dict.fromkeys(c for c in roles.values() if c))
         table = pf.read_row_groups(used.tolist(), columns=wanted).take(local)
-    columns, n = table.to_pydict(), table.num_rows
-
-    def col(role: str) -> list[Any]:
-        return columns[roles[role]] if roles[role] else [None] * n
-
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    images, reasons = read_images(col("image"), col("image_path"), base, cfg)
-    return {schema.KEY: [None if v is None else str(v) for v in col("key")],
-            schema.IMAGE: images, schema.REJECT_REASON: reasons,
-            schema.TEXT: [_text_bytes(v) for v in col("text")],
-            schema.META: [_meta_str(v) for v in col("meta")],
-            schema.URL: ["" if v is None else str(v).strip() for v in col("url")]}
+    return table_rows(table.to_pydict(), roles, table.num_rows, uri, cfg)
 
 
 # --- public ---------------------------------------------------------------------------------
