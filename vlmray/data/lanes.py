@@ -29,7 +29,7 @@ from ray.data.block import BlockMetadata
 from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS
-from vlmray.data.curation.row_ranges import FileIndex, index_file, read_rows
+from vlmray.data.curation.row_ranges import FileIndex, index_file, parquet_rows, read_rows
 from vlmray.data.curation.source import BLOCK_ROWS
 from vlmray.data.order import POS_BITS, Item, Unit, unit_rows_order
 from vlmray.data.storage import arrow_filesystem
@@ -70,14 +70,7 @@ def _staged_rows(uri: str, select: np.ndarray) -> pa.Table:
     groups."""
     afs, path = arrow_filesystem(uri)
     f = pq.ParquetFile(afs.open_input_file(path))
-    bounds = np.cumsum([0] + [f.metadata.row_group(g).num_rows
-                              for g in range(f.metadata.num_row_groups)])
-    groups = sorted(set(np.searchsorted(bounds, select, side="right") - 1))
-    table = f.read_row_groups(groups)
-    starts = {g: int(sum(bounds[h + 1] - bounds[h] for h in groups if h < g)) for g in groups}
-    local = [starts[g] + int(r - bounds[g])
-             for r, g in zip(select, np.searchsorted(bounds, select, side="right") - 1)]
-    table = table.take(pa.array(local, type=pa.int64()))
+    table = parquet_rows(f, select)
     return table.drop_columns([c for c in _STAGED_SKIP if c in table.column_names])
 
 

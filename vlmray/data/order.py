@@ -138,10 +138,6 @@ class Cursor:
         return (self.lanes[r] if self.lanes is not None
                 else deal(self.n_units, self.seed, self.epoch, self.world)[r])
 
-    def all_lanes(self) -> list[list[Item]]:
-        return (self.lanes if self.lanes is not None
-                else deal(self.n_units, self.seed, self.epoch, self.world))
-
     def remaining(self, r: int, units: Sequence[Unit] | None = None) -> list[tuple[int, Item]]:
         """Lane r from its position: ``(item index in the lane, item)`` pairs, the partly read
         item with ``skip`` = its position; items with nothing left (``units`` given) dropped."""

@@ -47,7 +47,6 @@ def training_feed(cfg: Config, run_dir: str, train_uris: list[str], plan: Any) -
                "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
                "retrieval": plan.stages if plan and k == 0 else None}
               for k in range(len(train_uris))]
-    single = cfg.data.sampling == "single_source"
     if uses_lanes(cfg, len(train_uris)):
         return _lane_feed(cfg, run_dir, train_uris, kwargs)
     if cfg.data.cache:
@@ -65,10 +64,10 @@ def training_feed(cfg: Config, run_dir: str, train_uris: list[str], plan: Any) -
     # row (every row only when all are rejected); the tally counts each row once all the same.
     check_accepted(cfg, run_dir, [bool(t.limit(1).take(1)) for t in trains],
                    lambda: [stream_summary(tally) for _, tally in streams])
-    sizes = _source_rows(train_uris, cfg.data.placement) if single else [0] * len(streams)
+    # here only several sources mixed in one stream (single-source sampling reads lanes)
     print("[vlmray] ingest: streaming in Ray's order (counts follow training)", flush=True)
-    datasets, sizes_or_none = _train_datasets(cfg, trains, sizes)
-    return TrainingFeed(datasets, None, sizes_or_none,
+    datasets, _ = _train_datasets(cfg, trains, [0] * len(trains))
+    return TrainingFeed(datasets, None, None,
                         _summary_of(cfg, [tally for _, tally in streams]), lanes=False)
 
 
@@ -127,24 +126,6 @@ def check_accepted(cfg: Config, run_dir: str, nonempty: list[bool],
         f"by reason: {s['reject_reasons']}; the rows are in {join(run_dir, rejects_dir(k))}): "
         f"nothing to train on. Fix the data, or loosen the settings that reject its rows "
         f"(data.min_image_side, data.max_text_chars, data.curation.*)")
-
-
-def _source_rows(uris: list[str], placement: Any = None) -> list[int]:
-    """Rows per training source for single-source sampling, from a streamed counting pass
-    over each source's input files (raw rows: deterministic, so a resumed run draws the same
-    sources; only one count per block reaches the driver)."""
-    from vlmray.data import schema
-    from vlmray.data.ingest import read_shards
-    from vlmray.data.placement import remote_args
-
-    def count(batch: dict[str, Any]) -> dict[str, Any]:
-        return {"n": [len(batch[schema.ROW_ID])]}
-
-    return [int(sum(int(r["n"]) for r in read_shards(uri, placement)
-                    .select_columns([schema.ROW_ID])
-                    .map_batches(count, batch_size=None, **remote_args(placement, 0.25))
-                    .iter_rows()))
-            for uri in uris]
 
 
 def rejects_dir(k: int) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmray.config.inputs import ReadConfig
@@ -167,20 +168,28 @@ def _parquet_rows(uri: str, select: np.ndarray, cfg: ReadConfig) -> dict[str, li
     with afs.open_input_file(path) as raw:
         pf = pq.ParquetFile(raw)
         roles = _resolve_columns(pf.schema_arrow.names, cfg, uri, need_image_or_url=True)
-        sizes = np.array([pf.metadata.row_group(g).num_rows
-                          for g in range(pf.num_row_groups)], dtype=np.int64)
-        ends = np.cumsum(sizes)
-        _check_rows(uri, select, int(ends[-1]) if len(ends) else 0)
-        groups = np.searchsorted(ends, select, side="right")
-        used = np.unique(groups)
-        first_in_read = np.cumsum(sizes[used]) - sizes[used]   # where each group lands
-        local = select - (ends - sizes)[groups] + first_in_read[np.searchsorted(used, groups)]
+        _check_rows(uri, select, pf.metadata.num_rows)
         wanted = list(dict.fromkeys(c for c in roles.values() if c))
-        table = pf.read_row_groups(used.tolist(), columns=wanted).take(local)
+        table = parquet_rows(pf, select, columns=wanted)
     return table_rows(table.to_pydict(), roles, table.num_rows, uri, cfg)
 
 
 # --- public ---------------------------------------------------------------------------------
+
+
+def parquet_rows(pf: pq.ParquetFile, select: np.ndarray,
+                 columns: list[str] | None = None) -> pa.Table:
+    """Rows ``select`` (absolute, any order) of an open parquet file, in that order, reading
+    only the row groups that hold them."""
+    sizes = np.array([pf.metadata.row_group(g).num_rows
+                      for g in range(pf.metadata.num_row_groups)], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    groups = np.searchsorted(ends, select, side="right")
+    used = np.unique(groups)
+    first_in_read = np.cumsum(sizes[used]) - sizes[used]   # where each read group starts
+    local = select - (ends - sizes)[groups] + first_in_read[np.searchsorted(used, groups)]
+    return pf.read_row_groups(used.tolist(), columns=columns).take(
+        pa.array(local, type=pa.int64()))
 
 
 def _check_rows(uri: str, select: np.ndarray, rows: int) -> None:
@@ -257,4 +266,4 @@ def read_rows(uri: str, file_index: int, fmt: str, select: np.ndarray, *,
     return {c: whole[c][select] for c in COLUMNS}
 
 
-__all__ = ["FileIndex", "index_file", "read_rows"]
+__all__ = ["parquet_rows", "FileIndex", "index_file", "read_rows"]
