@@ -28,10 +28,11 @@ from ray.data.block import BlockMetadata
 
 from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
-from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS
+from vlmray.data.curation.readers import ARROW_SCHEMA, COLUMNS, READ_CPUS
 from vlmray.data.curation.row_ranges import FileIndex, index_file, parquet_rows, read_rows
 from vlmray.data.curation.source import BLOCK_ROWS
 from vlmray.data.order import POS_BITS, Item, Unit, unit_rows_order
+from vlmray.data.placement import apply_budget, remote_args
 from vlmray.data.storage import arrow_filesystem
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ def index_inputs(files: Sequence[tuple[str, str]], unit_rows: int,
     their headers only, parquet by its footer)."""
     import ray
 
-    from vlmray.data.placement import remote_args
 
     task = ray.remote(index_one).options(**remote_args(placement, 0.25))
     return ray.get([task.remote(uri, fmt, unit_rows) for uri, fmt in files])
@@ -136,8 +136,6 @@ def read_lane(files: Sequence[tuple[str, str]], units: Sequence[Unit],
     the read's placement and budget (:func:`vlmray.data.placement.apply_budget`)."""
     import ray.data
 
-    from vlmray.data.curation.readers import READ_CPUS
-    from vlmray.data.placement import apply_budget, remote_args
 
     if not items:
         raise ValueError("a lane with no items left: nothing to read")

@@ -21,9 +21,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vlmray.config.data import DEFAULT_BLOCK_BYTES, PlacementConfig
+from vlmray.config.inputs import ReadConfig
 from vlmray.data import schema
 from vlmray.data.augment import augment_train
 from vlmray.data.curation.plan import apply_row_stages
+from vlmray.data.curation.readers import list_inputs
 from vlmray.data.curation.stage import Stage
 from vlmray.data.ingest import DECODE_CPUS, SPLIT_CPUS, DecodeStage, train_columns
 from vlmray.data.lanes import STAGED, index_inputs, read_lane
@@ -110,8 +112,6 @@ def plan_feed(cfg: DataConfig, uri: str, *, rejects_uri: str | None = None,
     inputs are indexed into units (tars by their headers, parquet by its footer)."""
     import ray
 
-    from vlmray.config.inputs import ReadConfig
-    from vlmray.data.curation.readers import list_inputs
 
     source = source_plan(cfg, uri, cache_root or _default_cache(rejects_uri))
     files = (_staged_files(source.staged) if source.staged else list_inputs(uri, ReadConfig()))

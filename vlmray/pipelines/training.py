@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmray.config import Config, ConfigError
+from vlmray.data.augment import augment_train
+from vlmray.data.order import Item
 from vlmray.data.storage import join
+from vlmray.data.stream import stream_summary
+from vlmray.pipelines.feed import run_ingest, stream_ingest
+from vlmray.pipelines.lanes import plan_feed
+from vlmray.train.streams import dataset_name
 
 
 @dataclass
@@ -40,8 +46,6 @@ def uses_lanes(cfg: Config, n_sources: int) -> bool:
 
 def training_feed(cfg: Config, run_dir: str, train_uris: list[str], plan: Any) -> TrainingFeed:
     """Plans every source's feed (what must run once runs now) and checks it yields rows."""
-    from vlmray.data.stream import stream_summary
-    from vlmray.pipelines.feed import run_ingest, stream_ingest
 
     kwargs = [{"rejects_uri": join(run_dir, rejects_dir(k)),
                "cache_root": join(run_dir, "curation" if k == 0 else f"curation-{k}"),
@@ -73,8 +77,6 @@ def training_feed(cfg: Config, run_dir: str, train_uris: list[str], plan: Any) -
 
 def _lane_feed(cfg: Config, run_dir: str, train_uris: list[str],
                kwargs: list[dict[str, Any]]) -> TrainingFeed:
-    from vlmray.data.stream import stream_summary
-    from vlmray.pipelines.lanes import plan_feed
 
     feeds = [plan_feed(cfg.data, uri, **kw) for uri, kw in zip(train_uris, kwargs)]
     check_accepted(cfg, run_dir, [_yields_rows(f, cfg.train.seed) for f in feeds],
@@ -91,7 +93,6 @@ def _yields_rows(feed: Any, seed: int) -> bool:
     """Whether a source yields any accepted row: a peek at its first unit, then its first 16,
     then all of them, so it reads only as far as it must (the tally counts each row it reads
     once all the same)."""
-    from vlmray.data.order import Item
 
     n = len(feed.units)
     for k in sorted({1, min(16, n), n}):
@@ -102,7 +103,6 @@ def _yields_rows(feed: Any, seed: int) -> bool:
 
 
 def _summary_of(cfg: Config, tallies: list[Any]) -> Callable[[], dict[str, Any]]:
-    from vlmray.data.stream import stream_summary
 
     def summary() -> dict[str, Any]:
         s = ingest_summary(cfg, [stream_summary(tally) for tally in tallies])
@@ -153,8 +153,6 @@ def _train_datasets(cfg: Config, trains: list[Any],
                     sizes: list[int]) -> tuple[dict[str, Any], list[int] | None]:
     """The Ray Train datasets, each with the per-epoch random stages, and the source sizes
     single-source sampling draws by (None when all rows form one stream)."""
-    from vlmray.data.augment import augment_train
-    from vlmray.train.streams import dataset_name
 
     if cfg.data.sampling == "single_source":
         return ({dataset_name(k): augment_train(cfg.data, ds) for k, ds in enumerate(trains)},
